@@ -1,0 +1,12 @@
+"""ReplaceMe on the embedded default, SmolLM2-135M-Instruct: 8 of 30 blocks, one transform."""
+from replaceme_jax.replaceme.config import default_config
+
+
+def get_config():
+    c = default_config()
+    c.model = "smollm2-135m"
+    c.num_blocks = 8
+    c.calibration.num_samples = 256
+    c.calibration.max_length = 512
+    c.output_dir = "runs/smollm2-135m"
+    return c

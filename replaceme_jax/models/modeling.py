@@ -1,0 +1,261 @@
+"""Flax NNX decoder family: Llama 1/2/3/3.1, Mistral-style, Qwen2/2.5 and Qwen3.
+
+Attribute names follow Hugging Face (``model.layers[i].self_attn.q_proj``, ``mlp.down_proj``), so a
+checkpoint maps onto this tree by key renaming plus a transpose of linear weights (HF keeps
+``[out, in]``, ``nnx.Linear`` keeps ``kernel`` as ``[in, out]``). RoPE uses HF's rotate-half layout
+and q is not pre-scaled, so import and export are transpose-only.
+
+Besides logits, the forward can return what ReplaceMe needs per block k, without hooks:
+``Y_k = x + Attn(norm(x))`` (the attention residual), ``M_k = MLP(norm(Y_k))`` (before the residual
+add) and ``L_k = Y_k + M_k`` (the block output).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from replaceme_jax.models.config import ModelConfig
+
+_MASK_VALUE = float(np.finfo(np.float32).min)
+
+
+def _dtype(name: str):
+    return jnp.dtype(name)
+
+
+# ----------------------------------------------------------------------------- RoPE
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Inverse frequencies (float32, length head_dim/2), with linear or llama3 scaling."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    rs = config.rope_scaling_dict or {}
+    kind = config.rope_type
+    if kind == "linear":
+        inv_freq = inv_freq / float(rs["factor"])
+    elif kind == "llama3":
+        factor = float(rs["factor"])
+        low, high = float(rs["low_freq_factor"]), float(rs["high_freq_factor"])
+        old_len = float(rs["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled)
+    return inv_freq.astype(np.float32)
+
+
+def rope_cos_sin(config: ModelConfig, positions: jax.Array):
+    """cos/sin tables [B, T, head_dim] for integer positions [B, T] (float32)."""
+    inv_freq = jnp.asarray(rope_inv_freq(config))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def _rotate_half(x):
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rope(x, cos, sin):
+    """x: [B, T, H, D]; cos/sin: [B, T, D]."""
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * cos + _rotate_half(x) * sin
+
+
+# ----------------------------------------------------------------------------- layers
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32):
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x):
+        # Normalise in float32, cast back, then scale: HF's order of operations.
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * xf.astype(x.dtype)
+
+
+def _linear(din, dout, bias, config: ModelConfig, rngs: nnx.Rngs):
+    return nnx.Linear(din, dout, use_bias=bias, dtype=_dtype(config.dtype),
+                      param_dtype=_dtype(config.param_dtype), rngs=rngs,
+                      kernel_init=nnx.initializers.normal(0.02))
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, *, rngs: nnx.Rngs):
+        c = config
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            c.num_attention_heads, c.num_key_value_heads, c.head_dim)
+        self.q_proj = _linear(c.hidden_size, self.num_heads * self.head_dim, c.attention_bias, c, rngs)
+        self.k_proj = _linear(c.hidden_size, self.num_kv_heads * self.head_dim, c.attention_bias, c, rngs)
+        self.v_proj = _linear(c.hidden_size, self.num_kv_heads * self.head_dim, c.attention_bias, c, rngs)
+        self.o_proj = _linear(self.num_heads * self.head_dim, c.hidden_size, c.o_proj_bias, c, rngs)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, c.rms_norm_eps, param_dtype=_dtype(c.param_dtype))
+            self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps, param_dtype=_dtype(c.param_dtype))
+        self.qk_norm = c.qk_norm
+
+    def __call__(self, x, cos, sin, bias):
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # GQA without materialising repeated k/v: group the query heads per kv head.
+        groups = self.num_heads // self.num_kv_heads
+        q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+        scores = scores / math.sqrt(self.head_dim) + bias[:, None, None, :, :]
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.gate_proj = _linear(c.hidden_size, c.intermediate_size, c.mlp_bias, c, rngs)
+        self.up_proj = _linear(c.hidden_size, c.intermediate_size, c.mlp_bias, c, rngs)
+        self.down_proj = _linear(c.intermediate_size, c.hidden_size, c.mlp_bias, c, rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, *, rngs: nnx.Rngs):
+        pd = _dtype(config.param_dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=pd)
+        self.self_attn = Attention(config, layer_idx, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=pd)
+        self.mlp = MLP(config, rngs=rngs)
+
+    def parts(self, x, cos, sin, bias):
+        """(Y, M): attention residual and MLP output before its residual add; block output = Y + M."""
+        y = x + self.self_attn(self.input_layernorm(x), cos, sin, bias)
+        return y, self.mlp(self.post_attention_layernorm(y))
+
+    def __call__(self, x, cos, sin, bias):
+        y, m = self.parts(x, cos, sin, bias)
+        return y + m
+
+
+class DecoderModel(nnx.Module):
+    """HF's ``model.`` prefix: embeddings, blocks, final norm."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size,
+                                      dtype=_dtype(config.dtype),
+                                      param_dtype=_dtype(config.param_dtype), rngs=rngs,
+                                      embedding_init=nnx.initializers.normal(0.02))
+        self.layers = nnx.List([DecoderLayer(config, i, rngs=rngs)
+                                for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps,
+                            param_dtype=_dtype(config.param_dtype))
+
+
+@dataclasses.dataclass
+class Intermediates:
+    """Per-block quantities, each stacked as [num_blocks, B, T, d]."""
+    attn_residual: jax.Array   # Y_k
+    mlp_output: jax.Array      # M_k (before the residual add)
+    block_output: jax.Array    # L_k = Y_k + M_k
+
+
+jax.tree_util.register_dataclass(
+    Intermediates, data_fields=["attn_residual", "mlp_output", "block_output"], meta_fields=[])
+
+
+def default_positions(attention_mask: jax.Array) -> jax.Array:
+    """Positions counted over real tokens, so left padding does not shift RoPE phases."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def attention_bias(attention_mask: jax.Array, window: int | None = None) -> jax.Array:
+    """Additive bias [B, T, T]: causal, pad keys masked, optional sliding window."""
+    t = attention_mask.shape[-1]
+    q_idx, k_idx = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
+    allowed = k_idx <= q_idx
+    if window is not None:
+        allowed = allowed & (q_idx - k_idx < window)
+    allowed = allowed[None] & attention_mask.astype(bool)[:, None, :]
+    return jnp.where(allowed, 0.0, _MASK_VALUE).astype(jnp.float32)
+
+
+def layer_windows(config: ModelConfig) -> list[int | None]:
+    """Sliding-window size per block (None = full attention), from HF's config fields."""
+    extra = config.extra_dict
+    window = extra.get("sliding_window")
+    types = extra.get("layer_types")
+    if types is not None:
+        return [window if ty == "sliding_attention" and window else None for ty in types]
+    if config.model_type == "mistral" and window:
+        return [int(window)] * config.num_hidden_layers
+    if extra.get("use_sliding_window") and window:
+        first = int(extra.get("max_window_layers", config.num_hidden_layers))
+        return [int(window) if i >= first else None for i in range(config.num_hidden_layers)]
+    return [None] * config.num_hidden_layers
+
+
+class CausalLM(nnx.Module):
+    """Decoder + LM head (tied or untied)."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.config = config
+        self.model = DecoderModel(config, rngs=rngs)
+        self.lm_head = (None if config.tie_word_embeddings else
+                        _linear(config.hidden_size, config.vocab_size, False, config, rngs))
+
+    # -- pieces, usable on their own (the statistics pass runs only the blocks it needs) --
+    def embed(self, input_ids):
+        return self.model.embed_tokens(input_ids)
+
+    def attention_inputs(self, attention_mask, positions=None):
+        """(cos, sin, biases per block) for a batch; positions default to ``default_positions``."""
+        if positions is None:
+            positions = default_positions(attention_mask)
+        cos, sin = rope_cos_sin(self.config, positions)
+        windows = layer_windows(self.config)
+        cache = {w: attention_bias(attention_mask, w) for w in set(windows)}
+        return cos, sin, [cache[w] for w in windows]
+
+    def head(self, h):
+        """Final norm + LM head -> float32 logits."""
+        h = self.model.norm(h)
+        if self.lm_head is None:
+            logits = self.model.embed_tokens.attend(h)
+        else:
+            logits = self.lm_head(h)
+        return logits.astype(jnp.float32)
+
+    def __call__(self, input_ids, attention_mask=None, positions=None, *,
+                 return_intermediates: bool = False):
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        cos, sin, biases = self.attention_inputs(attention_mask, positions)
+        h = self.embed(input_ids)
+        ys, ms, ls = [], [], []
+        for layer, bias in zip(self.model.layers, biases):
+            y, m = layer.parts(h, cos, sin, bias)
+            h = y + m
+            if return_intermediates:
+                ys.append(y), ms.append(m), ls.append(h)
+        logits = self.head(h)
+        if not return_intermediates:
+            return logits
+        return logits, Intermediates(jnp.stack(ys), jnp.stack(ms), jnp.stack(ls))
+
+
+def num_parameters(model: nnx.Module) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
