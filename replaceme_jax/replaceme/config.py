@@ -1,0 +1,67 @@
+"""Default ReplaceMe run settings as an ml_collections ConfigDict (configs/*.py override these)."""
+from __future__ import annotations
+
+import ml_collections
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = "smollm2-135m"       # registry name, .gguf file, HF directory or Orbax checkpoint
+    c.param_dtype = "float32"
+    c.dtype = "float32"            # compute dtype of the forward passes
+
+    c.calibration = ml_collections.ConfigDict()
+    c.calibration.source = "boolq"  # boolq | hellaswag | local file/folder | hf:<dataset name>
+    c.calibration.num_samples = 256
+    c.calibration.max_length = 512
+    c.calibration.batch_size = 8
+    c.calibration.seed = 0
+    c.calibration.text_column = ""
+    c.calibration.messages_column = ""  # chat messages rendered with the tokenizer's chat template
+    c.calibration.hf_config = ""
+    c.calibration.hf_split = "train"
+    c.calibration.add_bos = "auto"      # auto: only if the tokenizer itself prepends BOS
+    c.calibration.include_pad = False   # True reproduces the official code (pads counted)
+
+    c.num_blocks = 8                # blocks per cut (the official `layers_to_skip`)
+    c.num_transforms = 1            # number of cuts (the official `num_A`)
+    c.merge_consecutive = True
+    c.selection = "residual"        # angular | residual (see README: residual is better on SmolLM2)
+    c.cuts = ""                     # explicit cuts, e.g. "20-28" (end exclusive); overrides selection
+    c.candidates = "all"            # all: normal equations for every cut of num_blocks (residual rule,
+                                    # residual table); selected: only the chosen cuts (less memory)
+    c.accum_dtype = "auto"          # float64 sums except on TPU (float32 + Kahan there)
+
+    c.solver = "lstsq"              # lstsq | diag | cosine | cosine_accurate | mse
+    c.alpha = 0.0                   # ridge for lstsq/diag (and the cosine init)
+    c.multi_cut = "auto"            # one_pass | sequential | auto (lstsq: one_pass, cosine: sequential)
+    c.cosine = ml_collections.ConfigDict()
+    c.cosine.init = "lstsq"         # lstsq | identity
+    c.cosine.optimizer = "adam"
+    c.cosine.lr = 1e-4
+    c.cosine.steps = 300
+    c.cosine.batch_size = 1024
+    c.cosine.l1 = 0.0
+    c.cosine.l2 = 0.0
+    c.cosine.token_budget_mb = 512  # bound on the token buffer (uniform reservoir sample beyond it)
+    c.cosine.buffer_dir = ""        # set to keep the buffer on disk (np.memmap) instead of RAM
+    c.seed = 0
+
+    c.output_dir = "runs/smollm2-135m"
+    c.overwrite = False
+    c.save_orbax = True
+    c.export_hf = True
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.perplexity_windows = 16  # held-out Wikipedia windows for the report (0: skip)
+    c.eval.window = 1024
+    c.eval.compare_drop = True      # also report plain dropping of the same cuts (UIDL, no transform)
+    c.evaluate = ""                 # lm-eval tasks to run at the end (e.g. "paper"); empty: none
+    c.eval.limit = 0                # per-task item limit for `evaluate` (0: all)
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1                 # data-parallel axis size (batches)
+    c.mesh.model = 1                # model axis size (parameters: FSDP / tensor parallel)
+    c.distributed = False           # call jax.distributed.initialize() (multi-host)
+    c.progress = True
+    return c

@@ -1,0 +1,166 @@
+"""What a run leaves behind: held-out perplexities, the JSON report, tables (CSV), heat maps (PNG),
+the transforms (.npz) and the pruned model (Orbax and/or Hugging Face), all written atomically."""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+
+from replaceme_jax.io_utils import atomic_output_dir, atomic_write_json
+from replaceme_jax.models.modeling import num_parameters
+
+
+def heldout_perplexities(dense, result, tokenizer, cfg) -> dict:
+    """Held-out Wikipedia perplexity of dense, pruned and (optionally) plain-dropped models."""
+    from replaceme_jax.data.corpora import heldout_wikipedia_texts
+    from replaceme_jax.eval.perplexity import perplexity, tokenize_corpus
+    from replaceme_jax.replaceme.surgery import apply_cuts
+    ids = tokenize_corpus(tokenizer, heldout_wikipedia_texts())
+    kw = dict(window=cfg.eval.window, max_windows=cfg.eval.perplexity_windows)
+    out = {"dense": perplexity(dense, ids, **kw).to_dict(),
+           "pruned": perplexity(result.model, ids, **kw).to_dict()}
+    if cfg.eval.compare_drop:
+        out["drop"] = perplexity(apply_cuts(dense, result.cuts), ids, **kw).to_dict()
+    return out
+
+
+def build_report(cfg, dense, result, batches, evaluation: dict, times: dict) -> dict:
+    stats = result.stats
+    per_cut = []
+    for i, cut in enumerate(result.cuts):
+        entry = {"cut": list(cut), "anchor_block": cut[0] - 1, "removed_blocks": list(range(*cut)),
+                 "relative_residual": result.residuals[i],
+                 "final_loss": getattr(result.solves[i], "final_loss", None),
+                 "loss_history": [float(x) for x in getattr(result.solves[i], "loss_history", [])]}
+        n = cut[1] - cut[0]
+        if stats is not None and stats.distances is not None and n <= stats.distances.shape[0]:
+            entry["angular_distance"] = float(stats.distances[n - 1, cut[0]])
+        per_cut.append(entry)
+    report = {
+        "model": cfg.model,
+        "blocks": {"dense": dense.config.num_hidden_layers, "pruned": result.model.config.num_hidden_layers},
+        "parameters": {"dense": num_parameters(dense), "pruned": num_parameters(result.model)},
+        "selection": cfg.selection if not cfg.cuts else "user",
+        "solver": cfg.solver, "alpha": cfg.alpha,
+        "cuts": per_cut,
+        "calibration": {"source": cfg.calibration.source, "sequences": sum(b.num_sequences for b in batches),
+                        "tokens": int(sum(b.num_tokens for b in batches)),
+                        "batch_shapes": sorted({tuple(b.input_ids.shape) for b in batches}),
+                        "include_pad": cfg.calibration.include_pad},
+        "scores": {rule: {f"{s}-{e}": v for (s, e), v in sc.items()} for rule, sc in result.scores.items()},
+        "heldout_perplexity": evaluation,
+        "times_s": {k: round(v, 2) for k, v in times.items()},
+        "config": cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg),
+    }
+    return report
+
+
+def distances_csv(distances: np.ndarray) -> str:
+    """Rows n = 1..max_n, columns start block s: mean angular distance between h_s and h_{s+n}."""
+    buf = io.StringIO()
+    buf.write("n," + ",".join(f"s{s}" for s in range(distances.shape[1])) + "\n")
+    for i, row in enumerate(distances):
+        buf.write(f"{i + 1}," + ",".join("" if np.isnan(v) else f"{v:.6f}" for v in row) + "\n")
+    return buf.getvalue()
+
+
+def scores_csv(scores: dict) -> str:
+    rules = sorted(scores)
+    cuts = sorted({c for sc in scores.values() for c in sc})
+    lines = ["start,end," + ",".join(rules)]
+    for c in cuts:
+        lines.append(f"{c[0]},{c[1]}," + ",".join(f"{scores[r].get(c, float('nan')):.6f}" for r in rules))
+    return "\n".join(lines) + "\n"
+
+
+def plot_distances(distances: np.ndarray, path: Path, cuts=()) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(10, 6))
+    im = ax.imshow(np.ma.masked_invalid(distances), aspect="auto", cmap="viridis", origin="lower",
+                   extent=(-0.5, distances.shape[1] - 0.5, 0.5, distances.shape[0] + 0.5))
+    for s, e in cuts:
+        ax.plot([s], [e - s], "r*", markersize=12)
+    ax.set_xlabel("start block s")
+    ax.set_ylabel("blocks removed n")
+    ax.set_title("angular distance between h_s and h_{s+n} (last token)")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_scores(scores: dict, path: Path, cuts=()) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rules = sorted(scores)
+    fig, axes = plt.subplots(1, len(rules), figsize=(5 * len(rules), 4), squeeze=False)
+    for ax, rule in zip(axes[0], rules):
+        items = sorted(scores[rule].items())
+        ax.bar([s for (s, _), _ in items], [v for _, v in items], color="tab:blue")
+        for s, e in cuts:
+            if (s, e) in scores[rule]:
+                ax.bar([s], [scores[rule][(s, e)]], color="tab:red")
+        ax.set_xlabel("start block of the cut")
+        ax.set_title(f"{rule} score (lower is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def save_run(cfg, result, tokenizer, report: dict) -> Path:
+    """Everything of a run in ``cfg.output_dir``, which appears complete or not at all."""
+    from replaceme_jax.checkpoints.hf import save_hf
+    from replaceme_jax.checkpoints.orbax_io import save_orbax
+    with atomic_output_dir(cfg.output_dir, overwrite=cfg.overwrite, what="run output") as tmp:
+        np.savez(tmp / "transforms.npz", **{f"cut_{s}_{e}": T for (s, e), T in zip(result.cuts, result.transforms)
+                                            if T is not None})
+        if result.stats is not None and result.stats.distances is not None:
+            (tmp / "distances.csv").write_text(distances_csv(result.stats.distances))
+            plot_distances(result.stats.distances, tmp / "distances.png", result.cuts)
+        if result.scores:
+            (tmp / "scores.csv").write_text(scores_csv(result.scores))
+            plot_scores(result.scores, tmp / "scores.png", result.cuts)
+        if cfg.save_orbax:
+            save_orbax(result.model, tmp / "orbax", tokenizer=tokenizer,
+                       metadata={"cuts": [list(c) for c in result.cuts], "solver": cfg.solver})
+        if cfg.export_hf:
+            save_hf(result.model, tmp / "hf", tokenizer=tokenizer)
+        atomic_write_json(tmp / "report.json", report)
+    return Path(cfg.output_dir)
+
+
+def write_report_json(output_dir, report: dict) -> None:
+    atomic_write_json(Path(output_dir) / "report.json", report)
+
+
+def format_report(report: dict) -> str:
+    """The human-readable summary the prune script prints."""
+    lines = [f"ReplaceMe on {report['model']}: {report['blocks']['dense']} -> {report['blocks']['pruned']} blocks, "
+             f"{report['parameters']['dense'] / 1e6:.1f}M -> {report['parameters']['pruned'] / 1e6:.1f}M parameters"]
+    cal = report["calibration"]
+    lines.append(f"calibration: {cal['sequences']} sequences, {cal['tokens']} tokens from {cal['source']} "
+                 f"(pads {'included' if cal['include_pad'] else 'excluded'})")
+    lines.append(f"selection: {report['selection']}, solver: {report['solver']} (alpha={report['alpha']})")
+    for c in report["cuts"]:
+        extra = f", angular distance {c['angular_distance']:.4f}" if "angular_distance" in c else ""
+        lines.append(f"  cut blocks [{c['cut'][0]}, {c['cut'][1]}) -> T folded into block {c['anchor_block']}"
+                     f"; relative residual {c['relative_residual']:.4f}{extra}")
+    ppl = report.get("heldout_perplexity") or {}
+    if ppl:
+        d = ppl["dense"]
+        lines.append(f"held-out Wikipedia perplexity ({d['num_windows']} windows x {d['window']} tokens, "
+                     f"{d['num_tokens']} scored tokens):")
+        for name in ("dense", "pruned", "drop"):
+            if name in ppl:
+                ratio = ppl[name]["ppl"] / d["ppl"]
+                label = {"drop": "drop (no transform)"}.get(name, name)
+                lines.append(f"  {label:<20} {ppl[name]['ppl']:10.3f}   ({ratio:.2f}x dense)")
+    times = report.get("times_s", {})
+    if times:
+        lines.append("times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
+    return "\n".join(lines)

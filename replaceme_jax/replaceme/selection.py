@@ -1,0 +1,111 @@
+"""Which blocks to cut: rules that score candidate cuts, and greedy non-overlapping choice.
+
+- ``angular`` (the paper's and official code's rule): mean angular distance arccos(cos)/π between a
+  cut's input h_s and output h_e on each sequence's last real token; smaller is better.
+- ``residual``: relative residual ‖M T − (L − Y)‖² / ‖L − Y‖² of the cut's own least-squares
+  transform, computed from the gathered sums alone; smaller is better.
+Both come from the same single statistics pass. A rule is a function (stats, n, alpha) -> {cut: score}.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from replaceme_jax.errors import ReplaceMeError
+from replaceme_jax.replaceme.statistics import Cut, Statistics, candidate_cuts, validate_cuts
+
+
+def angular_scores(stats: Statistics, n: int, alpha: float = 0.0) -> dict[Cut, float]:
+    if stats.distances is None or stats.distances.shape[0] < n:
+        raise ReplaceMeError(f"angular selection needs distances over {n} blocks; gather them with "
+                             f"max_distance_blocks >= {n}")
+    return {cut: float(stats.distances[n - 1, cut[0]]) for cut in candidate_cuts(stats.num_blocks, n)}
+
+
+def residual_scores(stats: Statistics, n: int, alpha: float = 0.0) -> dict[Cut, float]:
+    from replaceme_jax.replaceme.solvers import lstsq, relative_residual
+    cuts = candidate_cuts(stats.num_blocks, n)
+    missing = [c for c in cuts if c not in stats.request.cuts]
+    if missing:
+        raise ReplaceMeError(f"residual selection needs normal equations for every candidate cut of {n} "
+                             f"blocks; {len(missing)} missing (e.g. {missing[0]}). Gather them in the pass.")
+    scores = {}
+    for cut in cuts:
+        ne = stats.normal_equations(cut)
+        scores[cut] = float(relative_residual(ne, lstsq(ne, alpha=alpha).T))
+    return scores
+
+
+SELECTION_RULES: dict[str, Callable[..., dict[Cut, float]]] = {
+    "angular": angular_scores,
+    "residual": residual_scores,
+}
+
+
+def register_selection_rule(name: str, fn: Callable[..., dict[Cut, float]]) -> None:
+    SELECTION_RULES[name] = fn
+
+
+def get_rule(name: str):
+    if name not in SELECTION_RULES:
+        raise ReplaceMeError(f"unknown selection rule {name!r}; known: {sorted(SELECTION_RULES)}")
+    return SELECTION_RULES[name]
+
+
+def choose_cuts(scores: dict[Cut, float], num_transforms: int = 1, merge_consecutive: bool = True
+                ) -> list[Cut]:
+    """Greedy: best-scoring cuts that keep every anchor block alive (the official ``num_A``).
+
+    Two cuts must be separated by at least one kept block (the later cut's anchor), except that with
+    ``merge_consecutive`` touching cuts are accepted and merged into one longer cut.
+    """
+    if num_transforms < 1:
+        raise ReplaceMeError(f"num_transforms must be >= 1, got {num_transforms}")
+    chosen: list[Cut] = []
+    for cut in sorted(scores, key=lambda c: (scores[c], c)):
+        if not np.isfinite(scores[cut]):
+            continue
+        s, e = cut
+        ok = all(e < s2 or e2 < s or (merge_consecutive and (e == s2 or e2 == s)) for s2, e2 in chosen)
+        if ok:
+            chosen.append(cut)
+        if len(chosen) == num_transforms:
+            break
+    if len(chosen) < num_transforms:
+        raise ReplaceMeError(f"only {len(chosen)} non-overlapping cuts fit for num_transforms={num_transforms}; "
+                             "use fewer transforms or fewer blocks per cut")
+    return merge_touching(sorted(chosen)) if merge_consecutive else sorted(chosen)
+
+
+def merge_touching(cuts: list[Cut]) -> list[Cut]:
+    out: list[Cut] = []
+    for s, e in sorted(cuts):
+        if out and out[-1][1] == s:
+            out[-1] = (out[-1][0], e)
+        else:
+            out.append((s, e))
+    return out
+
+
+def parse_cuts(spec: str | list, num_blocks: int) -> list[Cut]:
+    """User cut list, e.g. "20-28,5-7" or [(20, 28)] (end exclusive); checked for overlaps."""
+    if isinstance(spec, str):
+        cuts = []
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            try:
+                s, e = part.split("-")
+                cuts.append((int(s), int(e)))
+            except ValueError as err:
+                raise ReplaceMeError(f"cannot parse cut {part!r}: write start-end with end exclusive, "
+                                     "e.g. '20-28,5-7'") from err
+    else:
+        cuts = [tuple(c) for c in spec]
+    cuts = sorted(validate_cuts(cuts, num_blocks))
+    for (s1, e1), (s2, e2) in zip(cuts, cuts[1:]):
+        if s2 < e1:
+            raise ReplaceMeError(f"cuts [{s1}, {e1}) and [{s2}, {e2}) overlap; give disjoint cuts")
+        if s2 == e1:
+            raise ReplaceMeError(f"cut [{s2}, {e2}) starts where [{s1}, {e1}) ends, so its anchor block {s2 - 1} "
+                                 f"would be removed; merge them into [{s1}, {e2}) or leave a block between")
+    return cuts

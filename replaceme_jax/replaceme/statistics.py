@@ -1,0 +1,277 @@
+"""One jitted pass over calibration batches -> an immutable ``Statistics`` of sums.
+
+Per block k the model gives Y_k (attention residual), M_k (MLP output before the residual add) and
+L_k = Y_k + M_k. For a cut [s, e) with anchor a = s - 1 the least-squares transform needs only the
+d x d sums MᵀM (per anchor) and Mᵀ(L_{e-1} - Y_a) plus ‖L_{e-1} - Y_a‖² (per cut); the angular
+distance between block outputs h_s and h_{s+n} on each sequence's last real token drives the
+paper's selection rule. Everything is a running sum, so memory is flat in the number of tokens and
+sharding over the batch is a reduction. Sums are float32 with Kahan compensation across batches.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from replaceme_jax.errors import ReplaceMeError
+
+Cut = tuple[int, int]
+_HI = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class StatsRequest:
+    """What one pass gathers: distances for n = 1..max_distance_blocks, normal equations for ``cuts``."""
+    max_distance_blocks: int = 0
+    cuts: tuple[Cut, ...] = ()
+    include_pad: bool = False  # True reproduces the official code, which counts pad tokens
+    # Dtype of the d x d sums. float64 makes T match a float64 solve to ~1e-7 (CPU/GPU); float32 with
+    # Kahan compensation across batches is the fast choice on TPU. "auto": float64 except on TPU.
+    accum_dtype: str = "auto"
+
+    def resolved_accum_dtype(self) -> str:
+        if self.accum_dtype == "auto":
+            return "float32" if jax.default_backend() == "tpu" else "float64"
+        if self.accum_dtype not in ("float32", "float64"):
+            raise ReplaceMeError(f"accum_dtype={self.accum_dtype!r}: use 'auto', 'float32' or 'float64'")
+        return self.accum_dtype
+
+    def depth(self, num_blocks: int) -> int:
+        """Number of blocks the pass must run (it never runs the LM head)."""
+        deepest = max([e for _, e in self.cuts], default=0)
+        return num_blocks if self.max_distance_blocks else deepest
+
+    @property
+    def anchors(self) -> tuple[int, ...]:
+        return tuple(sorted({s - 1 for s, _ in self.cuts}))
+
+
+@dataclasses.dataclass(frozen=True)
+class Statistics:
+    """Sums gathered by one pass (host numpy, float64 where it matters)."""
+    num_blocks: int
+    request: StatsRequest
+    num_sequences: int
+    num_tokens: int
+    distance_sum: np.ndarray | None  # [max_n, num_blocks]: sum over sequences, entry (n-1, s)
+    gram: np.ndarray                 # [num_anchors, d, d]  MᵀM
+    cross: np.ndarray                # [num_cuts, d, d]     Mᵀ(L - Y)
+    target_sq: np.ndarray            # [num_cuts]           ‖L - Y‖²
+
+    @property
+    def distances(self) -> np.ndarray | None:
+        """Mean angular distance [max_n, num_blocks]; NaN where the cut would pass the last block."""
+        if self.distance_sum is None:
+            return None
+        out = self.distance_sum / max(self.num_sequences, 1)
+        n = np.arange(1, out.shape[0] + 1)[:, None]
+        s = np.arange(out.shape[1])[None, :]
+        return np.where(s + n <= self.num_blocks, out, np.nan)
+
+    def normal_equations(self, cut: Cut):
+        from replaceme_jax.replaceme.solvers import NormalEquations
+        cut = (int(cut[0]), int(cut[1]))
+        if cut not in self.request.cuts:
+            raise ReplaceMeError(f"no normal equations were gathered for cut {cut}; gathered: {self.request.cuts}")
+        c = self.request.cuts.index(cut)
+        a = self.request.anchors.index(cut[0] - 1)
+        return NormalEquations(mtm=self.gram[a], mtr=self.cross[c], rtr=float(self.target_sq[c]),
+                               count=int(self.num_tokens))
+
+    def check_finite(self):
+        for name in ("gram", "cross", "target_sq", "distance_sum"):
+            arr = getattr(self, name)
+            if arr is not None and arr.size and not np.isfinite(arr).all():
+                raise ReplaceMeError(
+                    f"non-finite values (NaN/inf) in the gathered statistics ({name}). The model overflowed "
+                    "on the calibration data: use dtype=float32, check the checkpoint, or shorten max_length.")
+
+
+def validate_cuts(cuts: Sequence[Cut], num_blocks: int) -> tuple[Cut, ...]:
+    """Cuts must keep an anchor block before them and stay inside the model."""
+    out = []
+    for cut in cuts:
+        s, e = (int(x) for x in cut)
+        if not (1 <= s < e <= num_blocks):
+            raise ReplaceMeError(
+                f"invalid cut [{s}, {e}) for a model of {num_blocks} blocks: need 1 <= start < end <= "
+                f"{num_blocks} (block start-1 is the anchor that absorbs the transform)")
+        out.append((s, e))
+    return tuple(out)
+
+
+def _kahan_add(total, comp, x):
+    """Compensated summation: keeps float32 running sums accurate over thousands of batches."""
+    y = x - comp
+    t = total + y
+    return t, (t - total) - y
+
+
+def _last_token(h, last_idx):
+    return jnp.take_along_axis(h, last_idx[:, None, None], axis=1)[:, 0, :]
+
+
+def _batch_sums(model, input_ids, attention_mask, request: StatsRequest, depth: int):
+    """Sums for one batch (traced inside jit)."""
+    acc = jnp.dtype(request.resolved_accum_dtype())
+    mask = attention_mask.astype(jnp.float32)
+    lengths = attention_mask.sum(-1)
+    row_valid = (lengths > 0).astype(jnp.float32)
+    # Token weights: real tokens only, or every position of a row holding a sequence.
+    w = (row_valid[:, None] * jnp.ones_like(mask)) if request.include_pad else mask
+    cos, sin, biases = model.attention_inputs(attention_mask)
+    h = model.embed(input_ids)
+    last_idx = jnp.maximum(lengths - 1, 0)
+    lasts = [_last_token(h, last_idx).astype(jnp.float32)]
+    anchors, cuts = request.anchors, request.cuts
+    keep = {}
+    cross, target_sq = [None] * len(cuts), [None] * len(cuts)
+    for k in range(depth):
+        y, m = model.model.layers[k].parts(h, cos, sin, biases[k])
+        h = y + m
+        if k in anchors:
+            keep[k] = (y.astype(acc), m.astype(acc) * w[..., None].astype(acc))
+        for c, (s, e) in enumerate(cuts):
+            if e - 1 == k:
+                y_a, mw_a = keep[s - 1]
+                r = h.astype(acc) - y_a
+                cross[c] = jnp.einsum("btd,bte->de", mw_a, r, precision=_HI)
+                target_sq[c] = jnp.sum(w[..., None].astype(acc) * r * r)
+        if request.max_distance_blocks:
+            lasts.append(_last_token(h, last_idx).astype(jnp.float32))
+    d = h.shape[-1]
+    out = {
+        "gram": (jnp.stack([jnp.einsum("btd,bte->de", keep[a][1], keep[a][1], precision=_HI) for a in anchors])
+                 if anchors else jnp.zeros((0, d, d), acc)),
+        "cross": jnp.stack(cross) if cuts else jnp.zeros((0, d, d), acc),
+        "target_sq": jnp.stack(target_sq) if cuts else jnp.zeros((0,), acc),
+        "tokens": jnp.sum(w),
+        "sequences": jnp.sum(row_valid),
+    }
+    if request.max_distance_blocks:
+        u = jnp.stack(lasts)  # [depth + 1, B, d]: h_0 (embeddings) .. h_depth
+        u = u / jnp.maximum(jnp.linalg.norm(u, axis=-1, keepdims=True), 1e-12)
+        rows = []
+        for n in range(1, request.max_distance_blocks + 1):
+            cosine = jnp.clip(jnp.sum(u[:-n] * u[n:], axis=-1), -1.0, 1.0)  # [depth + 1 - n, B]
+            dist = (jnp.arccos(cosine) / jnp.pi * row_valid).sum(-1)
+            rows.append(jnp.pad(dist, (0, depth - dist.shape[0]))[:depth])
+        out["distance_sum"] = jnp.stack(rows)
+    return out
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_step(graphdef, request: StatsRequest, depth: int):
+    def step(state, acc, input_ids, attention_mask):
+        model = nnx.merge(graphdef, state)
+        sums = _batch_sums(model, input_ids, attention_mask, request, depth)
+        new = {}
+        for k, x in sums.items():
+            new[k], new[k + "/comp"] = _kahan_add(acc[k], acc[k + "/comp"], x)
+        return new
+    return jax.jit(step, donate_argnums=(1,))
+
+
+def _zeros_like_sums(model, request: StatsRequest, depth: int, batch):
+    shapes = jax.eval_shape(lambda: _batch_sums(model, jnp.asarray(batch.input_ids),
+                                                jnp.asarray(batch.attention_mask), request, depth))
+    acc = {}
+    for k, sds in shapes.items():
+        acc[k] = jnp.zeros(sds.shape, sds.dtype)
+        acc[k + "/comp"] = jnp.zeros(sds.shape, sds.dtype)
+    return acc
+
+
+def gather_statistics(model, batches: Iterable, request: StatsRequest, *, progress: bool = False,
+                      state_sharding=None, batch_sharding=None) -> Statistics:
+    """Run the pass over ``batches`` (objects with ``input_ids``/``attention_mask`` [B, T])."""
+    num_blocks = model.config.num_hidden_layers
+    request = dataclasses.replace(request, cuts=validate_cuts(request.cuts, num_blocks))
+    if request.max_distance_blocks >= num_blocks:
+        raise ReplaceMeError(f"cannot measure distances over {request.max_distance_blocks} blocks of a "
+                             f"{num_blocks}-block model; use fewer blocks")
+    if not request.cuts and not request.max_distance_blocks:
+        raise ReplaceMeError("empty statistics request: ask for distances or at least one cut")
+    batches = list(batches)
+    if not batches:
+        raise ReplaceMeError("no calibration batches: the calibration data is empty or too short")
+    depth = request.depth(num_blocks)
+    graphdef, state = nnx.split(model)
+    step = _compiled_step(graphdef, request, depth)
+    iterator = batches
+    if progress:
+        from tqdm.auto import tqdm
+        iterator = tqdm(batches, desc="statistics pass", unit="batch")
+    # x64 is switched on only around this pass (and only for the float64 sums): the model's own
+    # dtypes are explicit, so its computation is unchanged.
+    with jax.enable_x64(request.resolved_accum_dtype() == "float64"):
+        acc = _zeros_like_sums(model, request, depth, batches[0])
+        for batch in iterator:
+            ids = jnp.asarray(batch.input_ids, jnp.int32)
+            mask = jnp.asarray(batch.attention_mask, jnp.int32)
+            if batch_sharding is not None:
+                ids, mask = jax.device_put(ids, batch_sharding), jax.device_put(mask, batch_sharding)
+            acc = step(state, acc, ids, mask)
+        host = {k: np.asarray(jax.device_get(v), np.float64) for k, v in acc.items() if not k.endswith("/comp")}
+        comp = {k: np.asarray(jax.device_get(acc[k + "/comp"]), np.float64) for k in host}
+    total = {k: host[k] - comp[k] for k in host}  # fold the last compensation term back in
+    if total["sequences"] <= 0:
+        raise ReplaceMeError("calibration batches hold no tokens: the calibration data is empty or too short")
+    stats = Statistics(
+        num_blocks=num_blocks, request=request,
+        num_sequences=int(round(total["sequences"])), num_tokens=int(round(total["tokens"])),
+        distance_sum=total.get("distance_sum"), gram=total["gram"], cross=total["cross"],
+        target_sq=total["target_sq"])
+    stats.check_finite()
+    return stats
+
+
+def candidate_cuts(num_blocks: int, n: int) -> tuple[Cut, ...]:
+    """Every cut of n consecutive blocks that keeps an anchor block before it."""
+    if not 1 <= n < num_blocks:
+        raise ReplaceMeError(f"cannot remove {n} blocks from a {num_blocks}-block model: "
+                             f"choose 1 <= num_blocks <= {num_blocks - 1}")
+    return tuple((s, s + n) for s in range(1, num_blocks - n + 1))
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_token_step(graphdef, cut: Cut):
+    def step(state, input_ids, attention_mask):
+        model = nnx.merge(graphdef, state)
+        cos, sin, biases = model.attention_inputs(attention_mask)
+        h = model.embed(input_ids)
+        s, e = cut
+        for k in range(e):
+            y, m = model.model.layers[k].parts(h, cos, sin, biases[k])
+            h = y + m
+            if k == s - 1:
+                y_a, m_a = y, m
+        return m_a.astype(jnp.float32), y_a.astype(jnp.float32), h.astype(jnp.float32)
+    return jax.jit(step)
+
+
+def gather_tokens(model, batches: Iterable, cut: Cut, buffer, *, include_pad: bool = False,
+                  progress: bool = False):
+    """Stream (M_a, Y_a, L_{e-1}) rows of real tokens for ``cut`` into a bounded ``TokenBuffer``.
+
+    Only the cosine-type solvers need tokens; the buffer keeps a uniform sample within its budget.
+    """
+    (cut,) = validate_cuts([cut], model.config.num_hidden_layers)
+    graphdef, state = nnx.split(model)
+    step = _compiled_token_step(graphdef, cut)
+    iterator = batches
+    if progress:
+        from tqdm.auto import tqdm
+        iterator = tqdm(list(batches), desc=f"tokens for cut {cut}", unit="batch")
+    for batch in iterator:
+        m, y, l = jax.device_get(step(state, jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask)))
+        mask = np.asarray(batch.attention_mask, bool)
+        if include_pad:
+            mask = np.broadcast_to(mask.any(-1, keepdims=True), mask.shape)
+        buffer.add(m[mask], y[mask], l[mask])
+    return buffer

@@ -1,0 +1,68 @@
+"""Surgery: fold each T into its anchor's down-projection and drop the cut blocks.
+
+A pure function on the ``nnx.split`` state: the input model is left untouched, and the pruned model
+shares every unchanged array with it (JAX arrays are immutable), so no copy of the weights is made.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from replaceme_jax.errors import ReplaceMeError
+from replaceme_jax.models.modeling import CausalLM
+from replaceme_jax.replaceme.statistics import Cut, validate_cuts
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+def fold_transform(kernel: jax.Array, T) -> jax.Array:
+    """down_proj kernel [d_ff, d] @ T [d, d], computed in float32 at full precision, cast back."""
+    T = jnp.asarray(np.asarray(T, np.float32))
+    out = jnp.matmul(kernel.astype(jnp.float32), T, precision=_HI)
+    return out.astype(kernel.dtype)
+
+
+def apply_cuts(model: CausalLM, cuts: Sequence[Cut], transforms: Sequence | None = None) -> CausalLM:
+    """New model with blocks of each cut removed and T folded into block start-1's down_proj.
+
+    ``cuts`` use the model's own block indices; ``transforms[i]`` is the d x d T of cut i, or None to
+    drop the blocks with no transform (the UIDL baseline).
+    """
+    config = model.config
+    cuts = list(validate_cuts(cuts, config.num_hidden_layers))
+    transforms = list(transforms) if transforms is not None else [None] * len(cuts)
+    if len(transforms) != len(cuts):
+        raise ReplaceMeError(f"{len(cuts)} cuts but {len(transforms)} transforms")
+    dropped = sorted({i for s, e in cuts for i in range(s, e)})
+    if len(dropped) != sum(e - s for s, e in cuts):
+        raise ReplaceMeError(f"cuts overlap: {cuts}")
+    for s, _ in cuts:
+        if s - 1 in dropped:
+            raise ReplaceMeError(f"the anchor block {s - 1} of cut starting at {s} is itself removed; "
+                                 "merge touching cuts into one")
+    d = config.hidden_size
+    _, state = nnx.split(model)
+    values = {path: var.get_value() for path, var in nnx.to_flat_state(state)}
+    for (s, _), T in zip(cuts, transforms):
+        if T is None:
+            continue
+        if np.shape(T) != (d, d):
+            raise ReplaceMeError(f"transform for cut starting at {s} has shape {np.shape(T)}, expected {(d, d)}")
+        prefix = ("model", "layers", s - 1, "mlp", "down_proj")
+        values[prefix + ("kernel",)] = fold_transform(values[prefix + ("kernel",)], T)
+        if prefix + ("bias",) in values:  # (xW + b) T = x (W T) + b T
+            values[prefix + ("bias",)] = fold_transform(values[prefix + ("bias",)][None, :], T)[0]
+    kept = [i for i in range(config.num_hidden_layers) if i not in set(dropped)]
+    new_config = config.without_layers(dropped)
+    new_model = nnx.eval_shape(lambda: CausalLM(new_config, rngs=nnx.Rngs(0)))
+    graphdef, new_state = nnx.split(new_model)
+    for path, var in nnx.to_flat_state(new_state):
+        old = path
+        if path[:2] == ("model", "layers"):
+            old = path[:2] + (kept[path[2]],) + path[3:]
+        var.set_value(values[old])
+    return nnx.merge(graphdef, new_state)
