@@ -26,7 +26,7 @@ setup(
         "optax>=0.2.5",
         "orbax-checkpoint>=0.11",
         "numpy>=1.26",
-        "safetensors>=0.4",
+        "safetensors>=0.6",
         "gguf>=0.17",
         "tokenizers>=0.21",
         "transformers>=4.56",

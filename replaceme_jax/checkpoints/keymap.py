@@ -85,14 +85,15 @@ def build_model(
     config: ModelConfig,
     tensors: Iterable[tuple[str, Callable[[], np.ndarray] | np.ndarray, tuple, str]],
     source: str,
-    place: Callable[[tuple, np.ndarray], jax.Array] | None = None,
+    place: Callable[[tuple, jax.ShapeDtypeStruct], jax.sharding.Sharding] | None = None,
 ) -> CausalLM:
     """Fill an abstract model from ``(hf_name, loader_or_array, hf_shape, dtype_str)`` records.
 
     Shapes and names are checked for *all* tensors before any is read, and every problem is
     reported in one error. Tensors are then materialised one at a time (``loader()``), converted
-    to the parameter dtype and placed (``place(path, array)``, default ``jnp.asarray``), so peak host
-    memory is one tensor above the model.
+    to the parameter dtype and put on devices with ``place(path, ShapeDtypeStruct) -> Sharding``
+    (default: the default device), so peak host memory is one tensor above the model. With a
+    sharding, ``jax.device_put`` sends each device only its own slice.
     """
     model = abstract_model(config)
     expected = {path: var for path, var in param_items(model)}
@@ -111,7 +112,7 @@ def build_model(
         if var is None:
             problems.append(f"unexpected tensor {name!r}: no such parameter for this config")
             continue
-        want = tuple(var.value.shape)
+        want = tuple(var.shape)
         got = tuple(shape)[::-1] if transpose else tuple(shape)
         if got != want:
             hf_want = want[::-1] if transpose else want
@@ -130,11 +131,12 @@ def build_model(
             f"checkpoint {source} does not match its config ({len(problems)} problem(s)):\n  - "
             + "\n  - ".join(problems)
             + "\nFix: point at a checkpoint whose config.json matches its weights.")
-    place = place or (lambda path, arr: jnp.asarray(arr))
     for path, var, loader, transpose in plan:
         arr = loader() if callable(loader) else loader
         arr = np.asarray(arr)
         if transpose:
             arr = arr.T
-        var.value = place(path, arr.astype(var.value.dtype))
+        arr = arr.astype(var.dtype)
+        sharding = place(path, jax.ShapeDtypeStruct(arr.shape, arr.dtype)) if place else None
+        var.set_value(jax.device_put(arr, sharding) if sharding is not None else jnp.asarray(arr))
     return model

@@ -39,10 +39,9 @@ def _freeze(value: Any) -> Any:
     return value
 
 
-def _thaw_mapping(items) -> dict | None:
-    if items is None:
-        return None
-    return {k: (list(v) if isinstance(v, tuple) and k in PER_LAYER_FIELDS else v) for k, v in items}
+def _canonical_json(obj: Mapping[str, Any]) -> str:
+    """Extra config.json fields as canonical JSON: hashable, and nested dicts survive a round trip."""
+    return json.dumps(dict(obj), sort_keys=True, separators=(",", ":"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +68,8 @@ class ModelConfig:
     pad_token_id: int | None = None
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype
-    # Everything else from config.json, kept verbatim for export (frozen items).
-    extra: tuple = ()
+    # Everything else from config.json, kept verbatim for export (canonical JSON text).
+    extra: str = "{}"
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_ARCHITECTURES:
@@ -112,7 +111,7 @@ class ModelConfig:
 
     @property
     def extra_dict(self) -> dict:
-        return _thaw_mapping(self.extra) or {}
+        return json.loads(self.extra)
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -169,9 +168,9 @@ class ModelConfig:
         if model_type == "qwen3" and known["attention_bias"]:
             known["o_proj_bias"] = False
         consumed = set(known) | {"rope_parameters", "rope_scaling", "attention_bias", "mlp_bias",
-                                 "torch_dtype", "dtype", "transformers_version"}
+                                 "torch_dtype", "dtype", "transformers_version", "architectures"}
         extra = {k: v for k, v in hf.items() if k not in consumed}
-        known["extra"] = _freeze(extra)
+        known["extra"] = _canonical_json(extra)
         known.update(overrides)
         return cls(**known)
 
@@ -228,4 +227,4 @@ class ModelConfig:
             extra["max_window_layers"] = min(extra["max_window_layers"],
                                              self.num_hidden_layers - len(dropped))
         return self.replace(num_hidden_layers=self.num_hidden_layers - len(dropped),
-                            extra=_freeze(extra))
+                            extra=_canonical_json(extra))
