@@ -33,7 +33,7 @@ def build_report(cfg, dense, result, batches, evaluation: dict, times: dict) -> 
         entry = {"cut": list(cut), "anchor_block": cut[0] - 1, "removed_blocks": list(range(*cut)),
                  "relative_residual": result.residuals[i],
                  "final_loss": getattr(result.solves[i], "final_loss", None),
-                 "loss_history": [float(x) for x in getattr(result.solves[i], "loss_history", [])]}
+                 "loss_history": [[int(s), float(v)] for s, v in getattr(result.solves[i], "loss_history", ())]}
         n = cut[1] - cut[0]
         if stats is not None and stats.distances is not None and n <= stats.distances.shape[0]:
             entry["angular_distance"] = float(stats.distances[n - 1, cut[0]])

@@ -126,7 +126,9 @@ def _batch_sums(model, input_ids, attention_mask, request: StatsRequest, depth: 
     w = (row_valid[:, None] * jnp.ones_like(mask)) if request.include_pad else mask
     cos, sin, biases = model.attention_inputs(attention_mask)
     h = model.embed(input_ids)
-    last_idx = jnp.maximum(lengths - 1, 0)
+    # Index of each row's last real token, for right- or left-padded rows alike.
+    t = attention_mask.shape[-1]
+    last_idx = t - 1 - jnp.argmax(attention_mask[:, ::-1], axis=-1)
     lasts = [_last_token(h, last_idx).astype(jnp.float32)]
     anchors, cuts = request.anchors, request.cuts
     keep = {}

@@ -1,0 +1,110 @@
+"""The statistics pass against an independent float64 numpy computation on materialised activations."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from replaceme_jax.data import load_calibration_texts, make_batches, tokenize_texts
+from replaceme_jax.errors import ReplaceMeError
+from replaceme_jax.models.config import ModelConfig
+from replaceme_jax.models.modeling import CausalLM
+from replaceme_jax.replaceme.statistics import StatsRequest, candidate_cuts, gather_statistics
+
+CUTS = ((20, 28), (5, 9))
+
+
+@pytest.fixture(scope="module")
+def smol_batches(smollm2):
+    _, tok = smollm2
+    # ~3k tokens: well above d = 576, so the least-squares problem is determined (as in real use).
+    texts = load_calibration_texts("boolq", num_samples=24, seed=3)
+    return make_batches(tokenize_texts(texts, tok, 160, add_bos=False), batch_size=5, max_length=160,
+                        pad_id=tok.pad_token_id)
+
+
+def materialise(model, batches, include_pad):
+    """Per-token Y, M, L for every block, plus the embeddings, as float64 numpy rows."""
+    rows = {"h0": [], "Y": [], "M": [], "L": [], "last": []}
+    for b in batches:
+        _, inter = model(jnp.asarray(b.input_ids), jnp.asarray(b.attention_mask), return_intermediates=True)
+        mask = b.attention_mask.astype(bool)
+        valid = mask.any(-1)
+        sel = np.broadcast_to(valid[:, None], mask.shape) if include_pad else mask
+        y, m, l = (np.asarray(x, np.float64) for x in (inter.attn_residual, inter.mlp_output, inter.block_output))
+        h0 = np.asarray(model.embed(jnp.asarray(b.input_ids)), np.float64)
+        rows["Y"].append(y[:, sel]), rows["M"].append(m[:, sel]), rows["L"].append(l[:, sel])
+        last = mask.sum(-1) - 1
+        hs = np.concatenate([h0[None], l], 0)  # [L+1, B, T, d]
+        rows["last"].append(hs[:, np.arange(len(last)), np.maximum(last, 0)][:, valid])
+    return {k: np.concatenate(v, axis=1) for k, v in rows.items() if v}
+
+
+def numpy_distances(last, max_n):
+    u = last / np.linalg.norm(last, axis=-1, keepdims=True)
+    nb = last.shape[0] - 1
+    out = np.full((max_n, nb), np.nan)
+    for n in range(1, max_n + 1):
+        for s in range(0, nb - n + 1):
+            cos = np.clip((u[s] * u[s + n]).sum(-1), -1, 1)
+            out[n - 1, s] = np.mean(np.arccos(cos) / np.pi)
+    return out
+
+
+@pytest.mark.parametrize("include_pad", [False, True])
+def test_smollm2_statistics_match_float64_numpy(smollm2, smol_batches, include_pad):
+    model, _ = smollm2
+    stats = gather_statistics(model, smol_batches, StatsRequest(max_distance_blocks=29, cuts=CUTS,
+                                                                include_pad=include_pad))
+    ref = materialise(model, smol_batches, include_pad)
+    assert stats.num_tokens == ref["M"].shape[1]
+    np.testing.assert_allclose(stats.distances, numpy_distances(ref["last"], 29), atol=1e-5, equal_nan=True)
+    for s, e in CUTS:
+        M, R = ref["M"][s - 1], ref["L"][e - 1] - ref["Y"][s - 1]
+        ne = stats.normal_equations((s, e))
+        T_ours = np.linalg.solve(ne.mtm, ne.mtr)
+        T_ref = np.linalg.lstsq(M, R, rcond=None)[0]
+        assert np.linalg.norm(T_ours - T_ref) / np.linalg.norm(T_ref) <= 1e-5
+        assert abs(ne.rtr - (R * R).sum()) / (R * R).sum() <= 1e-6
+
+
+def test_padding_side_does_not_change_statistics():
+    """Left- and right-padded batches of the same sequences give the same sums."""
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=5,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = CausalLM(cfg)
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(0, 64, size=n) for n in (5, 9, 12, 3, 16, 7)]
+    req = StatsRequest(max_distance_blocks=3, cuts=((1, 3), (2, 5)))
+    right = gather_statistics(model, make_batches(seqs, batch_size=4, max_length=16), req)
+    left = gather_statistics(model, make_batches(seqs, batch_size=4, max_length=16, padding_side="left"), req)
+    np.testing.assert_allclose(right.gram, left.gram, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(right.cross, left.cross, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(right.distances, left.distances, atol=1e-6, equal_nan=True)
+    assert right.num_tokens == sum(len(s) for s in seqs)
+
+
+def test_float32_kahan_accumulation_close_to_float64():
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=4)
+    model = CausalLM(cfg)
+    seqs = [np.random.default_rng(i).integers(0, 64, size=16) for i in range(40)]
+    batches = make_batches(seqs, batch_size=2, max_length=16)
+    f64 = gather_statistics(model, batches, StatsRequest(cuts=((1, 3),), accum_dtype="float64"))
+    f32 = gather_statistics(model, batches, StatsRequest(cuts=((1, 3),), accum_dtype="float32"))
+    assert np.linalg.norm(f32.gram - f64.gram) / np.linalg.norm(f64.gram) < 1e-6
+
+
+def test_bad_requests():
+    cfg = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                      num_attention_heads=2, num_key_value_heads=2)
+    model = CausalLM(cfg)
+    batches = make_batches([np.arange(8)], batch_size=1, max_length=8)
+    with pytest.raises(ReplaceMeError, match="invalid cut"):
+        gather_statistics(model, batches, StatsRequest(cuts=((0, 2),)))
+    with pytest.raises(ReplaceMeError, match="invalid cut"):
+        gather_statistics(model, batches, StatsRequest(cuts=((2, 5),)))
+    with pytest.raises(ReplaceMeError, match="cannot remove 4 blocks"):
+        candidate_cuts(4, 4)
+    with pytest.raises(ReplaceMeError, match="no calibration batches"):
+        gather_statistics(model, [], StatsRequest(cuts=((1, 2),)))
+    with pytest.raises(ReplaceMeError, match="accum_dtype"):
+        gather_statistics(model, batches, StatsRequest(cuts=((1, 2),), accum_dtype="float16"))
