@@ -20,7 +20,8 @@ def smollm2_gguf_path():
 
 
 @pytest.fixture(scope="session")
-def smollm2(smollm2_gguf_path):
-    """(model, tokenizer) of the embedded default, loaded once per test session."""
+def smollm2():
+    """(model, tokenizer) of the embedded default, loaded once per test session (by registry name,
+    so from the converted cache after the first load; tests/test_gguf.py checks the GGUF path itself)."""
     from replaceme_jax.checkpoints import load_pretrained
-    return load_pretrained(smollm2_gguf_path)
+    return load_pretrained("smollm2-135m")

@@ -108,3 +108,14 @@ def test_bad_requests():
         gather_statistics(model, [], StatsRequest(cuts=((1, 2),)))
     with pytest.raises(ReplaceMeError, match="accum_dtype"):
         gather_statistics(model, batches, StatsRequest(cuts=((1, 2),), accum_dtype="float16"))
+
+
+def test_non_finite_statistics_are_reported():
+    cfg = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                      num_attention_heads=2, num_key_value_heads=2)
+    model = CausalLM(cfg)
+    k = model.model.layers[1].mlp.down_proj.kernel
+    k.set_value(k[...].at[0, 0].set(np.inf))
+    batches = make_batches([np.arange(8)], batch_size=1, max_length=8)
+    with pytest.raises(ReplaceMeError, match="non-finite values"):
+        gather_statistics(model, batches, StatsRequest(cuts=((2, 3),)))

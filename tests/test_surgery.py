@@ -68,3 +68,16 @@ def test_drop_without_transform_and_bad_cuts():
         apply_cuts(model, [(0, 2)])
     with pytest.raises(ReplaceMeError, match="expected"):
         apply_cuts(model, [(1, 3)], [np.eye(8)])
+
+
+def test_cut_ending_at_last_block_is_supported():
+    """L_{e-1} is taken before the final norm, so a cut may end at the last block."""
+    cfg = ModelConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=6,
+                      num_attention_heads=2, num_key_value_heads=1)
+    model = CausalLM(cfg, rngs=nnx.Rngs(5))
+    T = np.eye(16) + 0.05 * np.random.default_rng(1).standard_normal((16, 16))
+    pruned = apply_cuts(model, [(3, 6)], [T])
+    ids = jnp.asarray(np.random.default_rng(2).integers(0, 40, (2, 9)))
+    mask = jnp.ones_like(ids)
+    want = explicit_forward(model, ids, mask, [(3, 6)], [T])
+    assert np.abs(np.asarray(pruned(ids, mask)) - np.asarray(want)).max() <= 1e-5

@@ -6,12 +6,34 @@ import os
 from replaceme_jax.checkpoints.registry import REGISTRY, checkpoint_kind, resolve_default_path
 
 
+def _cached_default(name: str, path: str) -> str | None:
+    """An HF directory converted once from a registry model's GGUF (parsing and dequantizing the
+    GGUF takes far longer than reading safetensors). Bit-identical parameters; rebuilt when the
+    source file changes; disabled with REPLACEME_JAX_NO_MODEL_CACHE=1."""
+    if os.environ.get("REPLACEME_JAX_NO_MODEL_CACHE"):
+        return None
+    from replaceme_jax.data.cache import cache_dir
+    st = os.stat(path)
+    target = cache_dir() / "models" / f"{name}-{st.st_size}-{int(st.st_mtime)}"
+    if (target / "config.json").exists():
+        return str(target)
+    try:
+        from replaceme_jax.checkpoints.gguf import load_gguf
+        from replaceme_jax.checkpoints.hf import save_hf
+        model, tokenizer = load_gguf(path)
+        save_hf(model, target, tokenizer=tokenizer, overwrite=True)
+        return str(target)
+    except OSError:  # read-only or full cache: fall back to the GGUF itself
+        return None
+
+
 def load_pretrained(name_or_path: str, *, param_dtype: str | None = None, dtype: str | None = None,
                     place=None):
     """(CausalLM, tokenizer) from a registry name, a .gguf file, an HF directory or an Orbax checkpoint."""
     path = name_or_path if os.path.exists(name_or_path) else None
     if path is None and name_or_path.lower() in {**REGISTRY, "default": 0, "smollm2-135m-instruct": 0}:
         path = resolve_default_path(name_or_path)
+        path = _cached_default(os.path.basename(path).removesuffix(".gguf"), path) or path
     kind = checkpoint_kind(path or name_or_path)
     if kind == "gguf":
         from replaceme_jax.checkpoints.gguf import load_gguf

@@ -94,12 +94,12 @@ def solve_cut(model, batches, cut: Cut, ne, cfg):
     c = cfg.cosine
     init = solvers.lstsq(ne, alpha=cfg.alpha).T if c.init == "lstsq" else np.eye(d, dtype=np.float32)
     capacity = TokenBuffer.budget_from_bytes(int(c.token_budget_mb * 2**20), d)
-    buffer = TokenBuffer(capacity, d, seed=cfg.seed, path=c.buffer_dir or None)
-    gather_tokens(model, batches, cut, buffer, include_pad=cfg.calibration.include_pad,
-                  progress=cfg.progress)
-    return solvers.cosine(buffer, d=d, init=init, loss=TOKEN_SOLVERS[name], optimizer=c.optimizer,
-                          lr=c.lr, steps=c.steps, batch_size=c.batch_size, l1=c.l1, l2=c.l2,
-                          seed=cfg.seed)
+    with TokenBuffer(capacity, d, seed=cfg.seed, path=c.buffer_dir or None) as buffer:
+        gather_tokens(model, batches, cut, buffer, include_pad=cfg.calibration.include_pad,
+                      progress=cfg.progress)
+        return solvers.cosine(buffer, d=d, init=init, loss=TOKEN_SOLVERS[name], optimizer=c.optimizer,
+                              lr=c.lr, steps=c.steps, batch_size=c.batch_size, l1=c.l1, l2=c.l2,
+                              seed=cfg.seed)
 
 
 def statistics_request(cfg, num_blocks: int) -> StatsRequest:
@@ -114,22 +114,26 @@ def statistics_request(cfg, num_blocks: int) -> StatsRequest:
                         include_pad=cfg.calibration.include_pad, accum_dtype=cfg.accum_dtype)
 
 
-def prune(model: CausalLM, batches, cfg) -> PruneResult:
-    """Select cuts, estimate a transform per cut, and fold them in. No files are touched."""
+def prune(model: CausalLM, batches, cfg, *, stats: Statistics | None = None) -> PruneResult:
+    """Select cuts, estimate a transform per cut, and fold them in. No files are touched.
+
+    ``stats``: a pass already gathered on this model and these batches (e.g. cached by an ablation
+    sweep); it is used instead of a new pass.
+    """
     from replaceme_jax.replaceme import solvers
     _check_solver(cfg.solver)
     timer = Timer()
     num_blocks = model.config.num_hidden_layers
     user_cuts = sel.parse_cuts(cfg.cuts, num_blocks) if cfg.cuts else None
     scores: dict[str, dict[Cut, float]] = {}
-    stats = None
-    if user_cuts is None or cfg.candidates == "all":
+    if stats is None and (user_cuts is None or cfg.candidates == "all"):
         request = statistics_request(cfg, num_blocks)
         with timer("statistics"):
             stats = gather_statistics(model, batches, request, progress=cfg.progress)
+    if stats is not None:
         with timer("selection"):
             scores["angular"] = sel.angular_scores(stats, int(cfg.num_blocks))
-            if request.cuts:
+            if all(c in stats.request.cuts for c in candidate_cuts(num_blocks, int(cfg.num_blocks))):
                 scores["residual"] = sel.residual_scores(stats, int(cfg.num_blocks), alpha=cfg.alpha)
             if user_cuts is None:
                 rule = sel.get_rule(cfg.selection)
@@ -204,8 +208,8 @@ def run(cfg) -> tuple[PruneResult, dict]:
         from replaceme_jax.eval.harness import evaluate_models  # lm-eval tasks, optional
         report["tasks"] = evaluate_models(
             [("dense", model, tokenizer), ("pruned", result.model, tokenizer)],
-            tasks=cfg.evaluate, limit=cfg.eval.limit or None,
-            output_dir=f"{cfg.output_dir}/eval")
+            tasks=cfg.evaluate, limit=cfg.eval.limit or None, heldout_ppl=False,
+            output_dir=f"{cfg.output_dir}/eval", overwrite=cfg.overwrite)
     rep.write_report_json(cfg.output_dir, report)
     return result, report
 
