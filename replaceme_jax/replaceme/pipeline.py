@@ -125,6 +125,7 @@ def prune(model: CausalLM, batches, cfg, *, stats: Statistics | None = None) -> 
     timer = Timer()
     num_blocks = model.config.num_hidden_layers
     user_cuts = sel.parse_cuts(cfg.cuts, num_blocks) if cfg.cuts else None
+    rule = sel.get_rule(cfg.selection) if user_cuts is None else None  # fail before the pass
     scores: dict[str, dict[Cut, float]] = {}
     if stats is None and (user_cuts is None or cfg.candidates == "all"):
         request = statistics_request(cfg, num_blocks)
@@ -136,7 +137,6 @@ def prune(model: CausalLM, batches, cfg, *, stats: Statistics | None = None) -> 
             if all(c in stats.request.cuts for c in candidate_cuts(num_blocks, int(cfg.num_blocks))):
                 scores["residual"] = sel.residual_scores(stats, int(cfg.num_blocks), alpha=cfg.alpha)
             if user_cuts is None:
-                rule = sel.get_rule(cfg.selection)
                 if cfg.selection not in scores:
                     scores[cfg.selection] = rule(stats, int(cfg.num_blocks), alpha=cfg.alpha)
     with timer("selection"):
