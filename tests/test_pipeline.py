@@ -103,3 +103,25 @@ def test_empty_calibration(smollm2, tmp_path):
     cfg = small_config(tmp_path, **{"calibration.source": str(empty), "calibration.num_samples": 0})
     with pytest.raises(ReplaceMeError, match="no non-empty text|empty"):
         calibration_batches(tok, cfg.calibration)
+
+
+def test_multi_cut_one_pass_vs_sequential():
+    """Two cuts: one_pass estimates both on the original model; sequential re-calibrates the second
+    on the model with the first already replaced (same first transform, different second)."""
+    from replaceme_jax.data import make_batches
+    from replaceme_jax.models.config import ModelConfig
+    from replaceme_jax.models.modeling import CausalLM
+    model = CausalLM(ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=10,
+                                 num_attention_heads=2, num_key_value_heads=2))
+    batches = make_batches([np.random.default_rng(i).integers(0, 64, size=20) for i in range(30)],
+                           batch_size=8, max_length=20)
+    c = default_config()
+    c.num_blocks, c.num_transforms, c.merge_consecutive, c.progress = 2, 2, False, False
+    c.multi_cut = "one_pass"
+    one = prune(model, batches, c)
+    c.multi_cut = "sequential"
+    seq = prune(model, batches, c)
+    assert one.cuts == seq.cuts and len(one.cuts) == 2
+    assert one.model.config.num_hidden_layers == seq.model.config.num_hidden_layers == 6
+    np.testing.assert_allclose(one.transforms[0], seq.transforms[0], rtol=1e-6, atol=1e-8)
+    assert not np.allclose(one.transforms[1], seq.transforms[1])

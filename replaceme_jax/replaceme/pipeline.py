@@ -143,21 +143,25 @@ def prune(model: CausalLM, batches, cfg, *, stats: Statistics | None = None) -> 
         cuts = user_cuts or sel.choose_cuts(scores[cfg.selection], cfg.num_transforms, cfg.merge_consecutive)
 
     transforms, solves, residuals = [], [], []
-    mode = _multi_cut_mode(cfg)
-    if mode == "one_pass" or len(cuts) == 1:
-        if stats is None or any(c not in stats.request.cuts for c in cuts):
-            with timer("statistics"):
-                stats_cuts = gather_statistics(model, batches, StatsRequest(
-                    cuts=tuple(cuts), include_pad=cfg.calibration.include_pad, accum_dtype=cfg.accum_dtype))
-        else:
-            stats_cuts = stats
+
+    def solve(on_model, cut, st):
+        ne = st.normal_equations(cut)
+        with timer("solve"):
+            result = solve_cut(on_model, batches, cut, ne, cfg)
+        transforms.append(np.asarray(result.T))
+        solves.append(result)
+        residuals.append(float(solvers.relative_residual(ne, result.T)))
+
+    def cut_statistics(on_model, cuts_needed):
+        with timer("statistics"):
+            return gather_statistics(on_model, batches, StatsRequest(
+                cuts=tuple(cuts_needed), include_pad=cfg.calibration.include_pad, accum_dtype=cfg.accum_dtype))
+
+    if _multi_cut_mode(cfg) == "one_pass" or len(cuts) == 1:
+        have_all = stats is not None and all(c in stats.request.cuts for c in cuts)
+        stats_cuts = stats if have_all else cut_statistics(model, cuts)
         for cut in cuts:
-            ne = stats_cuts.normal_equations(cut)
-            with timer("solve"):
-                result = solve_cut(model, batches, cut, ne, cfg)
-            transforms.append(np.asarray(result.T))
-            solves.append(result)
-            residuals.append(float(solvers.relative_residual(ne, result.T)))
+            solve(model, cut, stats_cuts)
         with timer("surgery"):
             pruned = apply_cuts(model, cuts, transforms)
     else:
@@ -165,17 +169,9 @@ def prune(model: CausalLM, batches, cfg, *, stats: Statistics | None = None) -> 
         pruned, offset = model, 0
         for s, e in sorted(cuts):
             cut = (s - offset, e - offset)
-            with timer("statistics"):
-                st = gather_statistics(pruned, batches, StatsRequest(
-                    cuts=(cut,), include_pad=cfg.calibration.include_pad, accum_dtype=cfg.accum_dtype))
-            ne = st.normal_equations(cut)
-            with timer("solve"):
-                result = solve_cut(pruned, batches, cut, ne, cfg)
-            transforms.append(np.asarray(result.T))
-            solves.append(result)
-            residuals.append(float(solvers.relative_residual(ne, result.T)))
+            solve(pruned, cut, cut_statistics(pruned, [cut]))
             with timer("surgery"):
-                pruned = apply_cuts(pruned, [cut], [result.T])
+                pruned = apply_cuts(pruned, [cut], [transforms[-1]])
             offset += e - s
     return PruneResult(model=pruned, cuts=list(cuts), transforms=transforms, stats=stats, scores=scores,
                        solves=solves, residuals=residuals, times=timer.times)
