@@ -1,0 +1,295 @@
+"""lm-evaluation-harness backend for our Flax ``CausalLM``, registered as ``replaceme-jax``.
+
+Request handling mirrors the harness's own Hugging Face backend (``--model hf``) so the two give
+the same numbers on the same checkpoint: the same context/continuation tokenisation (inherited
+from ``TemplateLM``), the same left truncation to ``max_length + 1`` tokens, the same rolling
+windows for ``loglikelihood_rolling``, and greedy ``generate_until`` with the same stop handling.
+What differs is execution: rows are padded to a few bucket lengths so ``jax.jit`` compiles a
+bounded number of shapes (see ``scoring.TokenScorer``), and requests whose model input is
+identical (e.g. the four one-token answers "A".."D" of an MMLU question) share one row.
+
+Python::
+
+    lm = ReplaceMeJaxLM(model=model, tokenizer=tokenizer)          # in-process, e.g. a pruned model
+    lm_eval.simple_evaluate(model=lm, tasks=["rmj_piqa"], task_manager=task_manager())
+
+Command line (the harness's own CLI, with this backend registered and our task YAMLs included)::
+
+    python -m replaceme_jax.eval.lm_eval_backend run --model replaceme-jax \\
+        --model_args pretrained=smollm2-135m --tasks rmj_piqa,rmj_arc_easy --limit 20
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from replaceme_jax.errors import ReplaceMeError
+from replaceme_jax.eval.scoring import TokenScorer
+
+DEFAULT_MAX_BATCH_SIZE = 64
+DEFAULT_MAX_BATCH_TOKENS = 4096
+GENERATE_CHUNK_STEPS = 16  # greedy steps per jitted call between host-side stop checks
+
+
+@functools.partial(jax.jit, static_argnums=(0, 7))
+def _greedy_steps(graphdef, state, buf, lengths, limits, done, eos_ids, n_steps: int):
+    """``n_steps`` greedy tokens appended at ``lengths`` (right-padded rows, no KV cache)."""
+    model = nnx.merge(graphdef, state)
+    rows, width = jnp.arange(buf.shape[0]), buf.shape[1]
+
+    def step(_, carry):
+        buf, lengths, done = carry
+        mask = (jnp.arange(width)[None, :] < lengths[:, None]).astype(jnp.int32)
+        cos, sin, biases = model.attention_inputs(mask)
+        h = model.embed(buf)
+        for layer, bias in zip(model.model.layers, biases):
+            h = layer(h, cos, sin, bias)
+        # Only the last real position of each row needs logits.
+        nxt = jnp.argmax(model.head(h[rows, lengths - 1]), axis=-1).astype(buf.dtype)
+        write = ~done & (lengths < limits)
+        at = jnp.minimum(lengths, width - 1)
+        buf = buf.at[rows, at].set(jnp.where(write, nxt, buf[rows, at]))
+        lengths = lengths + write.astype(lengths.dtype)
+        done = done | (write & jnp.isin(nxt, eos_ids)) | (lengths >= limits)
+        return buf, lengths, done
+
+    return jax.lax.fori_loop(0, n_steps, step, (buf, lengths, done))
+
+
+@register_model("replaceme-jax", "replaceme_jax")
+class ReplaceMeJaxLM(TemplateLM):
+    """Our ``CausalLM`` behind the harness's ``LM`` interface.
+
+    Args:
+      pretrained: registry name or path (HF directory, .gguf, Orbax) when ``model`` is not given.
+      model, tokenizer: an in-process model and its Hugging Face tokenizer (e.g. a pruned model).
+      max_length: context window in tokens (default: the config's max_position_embeddings, as the
+        HF backend resolves it).
+      batch_size: rows per batch cap (the harness passes its --batch_size; "auto" means default).
+      max_batch_tokens: rows x padded length per batch (bounds the float32 logits in memory).
+      max_gen_toks: default generation budget for generate_until.
+      add_bos_token: force (True) or suppress (False) the tokenizer's special tokens; None keeps
+        the tokenizer's default, as the HF backend does.
+      dtype, param_dtype: compute / parameter dtype when loading ``pretrained``.
+      device: accepted because the harness always passes it; JAX uses its default device.
+    """
+
+    def __init__(self, pretrained: str | None = None, *, model=None, tokenizer=None,
+                 max_length: int | None = None, batch_size: int | str | None = None,
+                 max_batch_size: int | None = None, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+                 max_gen_toks: int = 256, add_bos_token: bool | None = None,
+                 dtype: str | None = None, param_dtype: str | None = None, device: str | None = None):
+        super().__init__()
+        if model is None:
+            if pretrained is None:
+                raise ReplaceMeError("replaceme-jax needs a model: pass pretrained=<name or path> in "
+                                     "--model_args, or model=/tokenizer= from Python")
+            from replaceme_jax.checkpoints import load_pretrained
+            model, loaded_tokenizer = load_pretrained(str(pretrained), param_dtype=param_dtype, dtype=dtype)
+            tokenizer = tokenizer or loaded_tokenizer
+        if tokenizer is None:
+            raise ReplaceMeError("replaceme-jax needs a tokenizer: the checkpoint carries none; pass "
+                                 "tokenizer= (a transformers tokenizer)")
+        self.model, self.tokenizer = model, tokenizer
+        self.pretrained = str(pretrained) if pretrained is not None else "in-process"
+        self._max_length = int(max_length or model.config.max_position_embeddings)
+        # The CLI passes --batch_size as a string ("8", "auto", "auto:4"); "auto" means our default.
+        if isinstance(batch_size, str) and batch_size.strip().isdigit():
+            batch_size = int(batch_size)
+        rows = batch_size if isinstance(batch_size, int) else max_batch_size or DEFAULT_MAX_BATCH_SIZE
+        if rows < 1 or max_batch_tokens < 1 or max_gen_toks < 1:
+            raise ReplaceMeError(f"batch_size, max_batch_tokens and max_gen_toks must be positive; got "
+                                 f"{rows}, {max_batch_tokens}, {max_gen_toks}")
+        self.max_gen_toks = int(max_gen_toks)
+        self.add_bos_token = add_bos_token
+        self.scorer = TokenScorer(model, max_length=self._max_length,
+                                  max_batch_tokens=int(max_batch_tokens), max_batch_size=int(rows))
+        self._graphdef, self._state = nnx.split(model)
+
+    # ------------------------------------------------------------------ harness plumbing
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.tokenizer.eos_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(getattr(self.tokenizer, "name_or_path", "") or "replaceme-jax").replace("/", "__")
+
+    def get_model_info(self) -> dict:
+        return {"model_num_layers": self.model.config.num_hidden_layers,
+                "model_hidden_size": self.model.config.hidden_size,
+                "model_source": self.pretrained}
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(
+            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt,
+            continue_final_message=not add_generation_prompt)
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        # Same rule as the HF backend: an explicit flag wins, else add_bos_token, else the
+        # tokenizer's default; a string that already starts with BOS gets no second one.
+        if add_special_tokens is None:
+            add_special_tokens = self.add_bos_token
+            bos = self.tokenizer.bos_token
+            if bos and string.startswith(bos):
+                add_special_tokens = False
+        kw = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+        return self.tokenizer.encode(string, **kw)
+
+    # ------------------------------------------------------------------ log-likelihoods
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """(sum of continuation log-probs, continuation is greedy) per (ctx, ctx_enc, cont_enc)."""
+        row_of: dict[tuple[int, ...], int] = {}
+        rows: list[tuple[int, ...]] = []
+        placed = []  # (row index, continuation tokens) per request
+        for _, context_enc, continuation_enc in requests:
+            if not context_enc or not continuation_enc:
+                raise ReplaceMeError("a loglikelihood request has an empty context or continuation "
+                                     "after tokenisation; check the task's doc_to_text/doc_to_target")
+            if len(continuation_enc) > self.max_length:
+                raise ReplaceMeError(f"a continuation of {len(continuation_enc)} tokens exceeds "
+                                     f"max_length={self.max_length}; raise max_length in --model_args")
+            # Left truncation as in the HF backend: keep the last max_length+1 tokens, feed all but
+            # the last. Requests with the same model input share one row.
+            row = tuple((context_enc + continuation_enc)[-(self.max_length + 1):][:-1])
+            if row not in row_of:
+                row_of[row] = len(rows)
+                rows.append(row)
+            placed.append((row_of[row], continuation_enc))
+        by_row: dict[int, list[int]] = {}
+        for k, (r, _) in enumerate(placed):
+            by_row.setdefault(r, []).append(k)
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        desc = None if disable_tqdm else "replaceme-jax loglikelihood"
+        for batch in self.scorer.score(rows, with_last=True, progress=desc):
+            for j, r in enumerate(batch.indices):
+                n = len(rows[r])
+                for k in by_row[r]:
+                    cont = placed[k][1]
+                    # Continuation tokens sit at input positions n-len(cont) .. n-1: all but the
+                    # last are inside the row (next_logprob), the last is scored from last_logprob.
+                    lo, hi = n - len(cont), n - 1
+                    logprob = float(np.sum(batch.next_logprob[j, lo:hi], dtype=np.float64)
+                                    + batch.last_logprob[j, cont[-1]])
+                    greedy = bool(np.all(batch.next_greedy[j, lo:hi])
+                                  and int(np.argmax(batch.last_logprob[j])) == cont[-1])
+                    results[k] = (logprob, greedy)
+                    if requests[k][0] is not None:
+                        self.cache_hook.add_partial("loglikelihood", requests[k][0], results[k])
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        windows, owner = [], []
+        for i, (string,) in enumerate(req.args for req in requests):
+            for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(
+                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1)):
+                windows.append((None, ctx, cont))
+                owner.append(i)
+        scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
+        totals = [0.0] * len(requests)
+        for i, (logprob, _) in zip(owner, scores):
+            totals[i] += logprob
+        for req, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    # ------------------------------------------------------------------ generation
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy continuation of each context, cut at the first stop sequence (or EOS)."""
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            groups.setdefault(repr(sorted(req.args[1].items())), []).append(i)
+        out: list[str | None] = [None] * len(requests)
+        eos = self.tokenizer.decode([self.eot_token_id], skip_special_tokens=False)
+        for members in groups.values():
+            gen_kwargs = normalize_gen_kwargs(requests[members[0]].args[1], self.max_gen_toks)
+            if gen_kwargs.get("do_sample"):
+                raise ReplaceMeError("replaceme-jax generates greedily only; drop do_sample/temperature "
+                                     "from the task's generation_kwargs (or --gen_kwargs)")
+            until = handle_stop_sequences(gen_kwargs.get("until"), eos=eos)
+            max_gen = int(gen_kwargs["max_gen_toks"])
+            if max_gen >= self.max_length:
+                raise ReplaceMeError(f"max_gen_toks={max_gen} leaves no room for a context within "
+                                     f"max_length={self.max_length}")
+            contexts = {i: self.tok_encode(requests[i].args[0])[-(self.max_length - max_gen):]
+                        for i in members}
+            for i, text in self._generate_group(contexts, max_gen, until).items():
+                out[i] = text
+        return out
+
+    def _generate_group(self, contexts: dict[int, list[int]], max_gen: int, until: Sequence[str]) -> dict[int, str]:
+        order = sorted(contexts, key=lambda i: -len(contexts[i]))
+        eos_ids = jnp.asarray(sorted({self.eot_token_id, *self._eos_ids()}), jnp.int32)
+        results = {}
+        while order:
+            width = self.scorer.bucket_for(len(contexts[order[0]]) + max_gen)
+            full = self.scorer.batch_size_for(width)
+            chunk, order = order[:full], order[full:]
+            n_pad = full if len(chunk) == full else min(full, 1 << (len(chunk) - 1).bit_length())
+            buf = np.zeros((n_pad, width), np.int32)
+            starts = np.ones(n_pad, np.int32)
+            for j, i in enumerate(chunk):
+                buf[j, :len(contexts[i])] = contexts[i]
+                starts[j] = len(contexts[i])
+            limits = np.minimum(starts + max_gen, width).astype(np.int32)
+            done = np.arange(n_pad) >= len(chunk)
+            buf, lengths = jnp.asarray(buf), jnp.asarray(starts)
+            texts = [""] * len(chunk)
+            while not done.all():
+                buf, lengths, done_dev = _greedy_steps(
+                    self._graphdef, self._state, buf, lengths, jnp.asarray(limits), jnp.asarray(done),
+                    eos_ids, GENERATE_CHUNK_STEPS)
+                host_buf, host_len, done = np.asarray(buf), np.asarray(lengths), np.array(done_dev)
+                for j in range(len(chunk)):
+                    texts[j] = self.tokenizer.decode(host_buf[j, starts[j]:host_len[j]].tolist(),
+                                                     skip_special_tokens=True)
+                    # A stop string ends the row early; the text is cut at it below anyway.
+                    if any(s and s in texts[j] for s in until):
+                        done[j] = True
+            for j, i in enumerate(chunk):
+                results[i] = postprocess_generated_text(texts[j], stop=list(until), think_end_token=None)
+        return results
+
+    def _eos_ids(self) -> list[int]:
+        eos = self.model.config.eos_token_id
+        if eos is None:
+            return []
+        return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The harness's own CLI with this backend registered and our offline task YAMLs included."""
+    from lm_eval.__main__ import cli_evaluate
+
+    from replaceme_jax.eval.tasks import TASKS_DIR
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Every subcommand (run, ls, validate; bare flags mean run) takes --include_path.
+    if argv and "--include_path" not in argv and not {"-h", "--help"} & set(argv):
+        argv += ["--include_path", str(TASKS_DIR)]
+    sys.argv = ["lm-eval", *argv]
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

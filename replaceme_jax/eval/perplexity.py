@@ -1,0 +1,127 @@
+"""Perplexity of a model on a token stream: non-overlapping or sliding windows, jitted and batched.
+
+The corpus is tokenised once (texts joined by a separator, no special tokens) and cut into
+windows of ``window`` tokens. With ``stride=None`` (or ``stride == window``) windows do not
+overlap and each scores its own tokens after the first, which has no context. With
+``stride < window`` windows slide: each new window scores only the tokens the previous ones did
+not reach, with up to ``window - stride`` tokens of extra context (the Hugging Face recipe), so
+every token after the first is scored exactly once. Scores of all windows are summed in float64.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from replaceme_jax.errors import ReplaceMeError
+from replaceme_jax.eval.scoring import TokenScorer
+
+DEFAULT_WINDOW = 1024
+DEFAULT_SEPARATOR = "\n\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class PerplexityResult:
+    ppl: float           # exp(nll)
+    nll: float           # mean negative log-likelihood per scored token, in nats
+    num_tokens: int      # scored tokens
+    num_windows: int
+    window: int
+    stride: int
+    corpus_tokens: int   # tokens in the whole stream (before any window limit)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def corpus_windows(num_tokens: int, window: int, stride: int | None = None) -> list[tuple[int, int, int]]:
+    """(begin, end, first_scored) per window over a stream of ``num_tokens`` tokens.
+
+    Window ``[begin, end)`` scores tokens ``first_scored .. end-1``, each predicted from the
+    window's tokens before it.
+    """
+    stride = window if stride is None else stride
+    if window < 2:
+        raise ReplaceMeError(f"perplexity window must be at least 2 tokens, got {window}")
+    if not 1 <= stride <= window:
+        raise ReplaceMeError(f"perplexity stride must be in [1, window={window}], got {stride}")
+    if num_tokens < 2:
+        raise ReplaceMeError(f"the corpus has {num_tokens} token(s); perplexity needs at least 2")
+    out, begin, prev_end = [], 0, 0
+    while True:
+        end = min(begin + window, num_tokens)
+        first = max(prev_end, begin + 1)
+        if end > first:
+            out.append((begin, end, first))
+        prev_end = end
+        if end == num_tokens:
+            return out
+        begin += stride
+
+
+def tokenize_corpus(tokenizer, texts: Sequence[str], separator: str = DEFAULT_SEPARATOR) -> np.ndarray:
+    """Token ids of the texts joined by ``separator``, without special tokens."""
+    if isinstance(texts, str):
+        texts = [texts]
+    if not texts or not any(t.strip() for t in texts):
+        raise ReplaceMeError("the perplexity corpus is empty; give at least one non-empty text")
+    return np.asarray(tokenizer.encode(separator.join(texts), add_special_tokens=False), np.int32)
+
+
+def perplexity(model, tokenizer_or_token_ids, texts: Sequence[str] | None = None, *,
+               window: int = DEFAULT_WINDOW, stride: int | None = None, batch_size: int = 4,
+               max_windows: int | None = None, separator: str = DEFAULT_SEPARATOR) -> PerplexityResult:
+    """Perplexity of ``model`` on a corpus.
+
+    Args:
+      model: a ``CausalLM`` (dense, pruned, or loaded from HF / GGUF / Orbax).
+      tokenizer_or_token_ids: a tokenizer (then ``texts`` are tokenised; default texts: the
+        held-out Wikipedia corpus of ``replaceme_jax.data.corpora``), or a 1-D sequence of ids.
+      window: tokens per window (capped at the stream length).
+      stride: None for non-overlapping windows, else the sliding step (1..window).
+      batch_size: windows per forward pass.
+      max_windows: score only the first this-many windows (None: all).
+    """
+    if max_windows is not None and max_windows < 1:
+        raise ReplaceMeError(f"max_windows must be at least 1 (or None for all), got {max_windows}")
+    if batch_size < 1:
+        raise ReplaceMeError(f"batch_size must be at least 1, got {batch_size}")
+    if hasattr(tokenizer_or_token_ids, "encode"):
+        if texts is None:
+            from replaceme_jax.data.corpora import heldout_wikipedia_texts
+            texts = heldout_wikipedia_texts()
+        ids = tokenize_corpus(tokenizer_or_token_ids, texts, separator)
+    else:
+        if texts is not None:
+            raise ReplaceMeError("texts were given together with token ids; pass a tokenizer to "
+                                 "tokenise texts, or the token ids alone")
+        ids = np.asarray(tokenizer_or_token_ids)
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise ReplaceMeError(f"token ids must be a 1-D integer sequence, got shape {ids.shape} "
+                                 f"dtype {ids.dtype}")
+        ids = ids.astype(np.int32)
+    vocab = model.config.vocab_size
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+        raise ReplaceMeError(f"token ids must lie in [0, {vocab}) for this model; got range "
+                             f"[{ids.min()}, {ids.max()}]. Fix: use the model's own tokenizer")
+    if ids.size >= 2 and window > ids.size:  # a corpus shorter than one window is one window
+        window = int(ids.size)
+        stride = None if stride is None else min(stride, window)
+    spans = corpus_windows(int(ids.size), window, stride)
+    if max_windows is not None:
+        spans = spans[:max_windows]
+    scorer = TokenScorer(model, max_length=window, max_batch_tokens=batch_size * window,
+                         max_batch_size=batch_size, buckets=(window,))
+    total, count = 0.0, 0
+    for batch in scorer.score([ids[b:e] for b, e, _ in spans]):
+        for j, i in enumerate(batch.indices):
+            begin, end, first = spans[i]
+            # next_logprob[t] scores token begin+t+1.
+            total -= float(np.sum(batch.next_logprob[j, first - begin - 1:end - begin - 1], dtype=np.float64))
+            count += end - first
+    nll = total / count
+    return PerplexityResult(ppl=math.exp(nll), nll=nll, num_tokens=count, num_windows=len(spans),
+                            window=window, stride=window if stride is None else stride,
+                            corpus_tokens=int(ids.size))
