@@ -16,7 +16,9 @@ from typing import Any
 import numpy as np
 
 from replaceme_jax.errors import ReplaceMeError
+from replaceme_jax.memory import run_memory_report
 from replaceme_jax.models.modeling import CausalLM, num_parameters
+from replaceme_jax.models.sharding import plan_from_config
 from replaceme_jax.replaceme import selection as sel
 from replaceme_jax.replaceme.statistics import (Cut, Statistics, StatsRequest, candidate_cuts,
                                                 gather_statistics, gather_tokens)
@@ -96,7 +98,7 @@ def solve_cut(model, batches, cut: Cut, ne, cfg):
     capacity = TokenBuffer.budget_from_bytes(int(c.token_budget_mb * 2**20), d)
     with TokenBuffer(capacity, d, seed=cfg.seed, path=c.buffer_dir or None) as buffer:
         gather_tokens(model, batches, cut, buffer, include_pad=cfg.calibration.include_pad,
-                      progress=cfg.progress)
+                      progress=cfg.progress, plan=plan_from_config(cfg))
         return solvers.cosine(buffer, d=d, init=init, loss=TOKEN_SOLVERS[name], optimizer=c.optimizer,
                               lr=c.lr, steps=c.steps, batch_size=c.batch_size, l1=c.l1, l2=c.l2,
                               seed=cfg.seed)
@@ -123,6 +125,9 @@ def prune(model: CausalLM, batches, cfg, *, stats: Statistics | None = None) -> 
     from replaceme_jax.replaceme import solvers
     _check_solver(cfg.solver)
     timer = Timer()
+    plan = plan_from_config(cfg)  # None: one device; else the mesh of cfg.mesh, weights placed on it
+    if plan is not None:
+        model = plan.shard_model(model)
     num_blocks = model.config.num_hidden_layers
     user_cuts = sel.parse_cuts(cfg.cuts, num_blocks) if cfg.cuts else None
     rule = sel.get_rule(cfg.selection) if user_cuts is None else None  # fail before the pass
@@ -130,7 +135,7 @@ def prune(model: CausalLM, batches, cfg, *, stats: Statistics | None = None) -> 
     if stats is None and (user_cuts is None or cfg.candidates == "all"):
         request = statistics_request(cfg, num_blocks)
         with timer("statistics"):
-            stats = gather_statistics(model, batches, request, progress=cfg.progress)
+            stats = gather_statistics(model, batches, request, progress=cfg.progress, plan=plan)
     if stats is not None:
         with timer("selection"):
             scores["angular"] = sel.angular_scores(stats, int(cfg.num_blocks))
@@ -155,7 +160,8 @@ def prune(model: CausalLM, batches, cfg, *, stats: Statistics | None = None) -> 
     def cut_statistics(on_model, cuts_needed):
         with timer("statistics"):
             return gather_statistics(on_model, batches, StatsRequest(
-                cuts=tuple(cuts_needed), include_pad=cfg.calibration.include_pad, accum_dtype=cfg.accum_dtype))
+                cuts=tuple(cuts_needed), include_pad=cfg.calibration.include_pad, accum_dtype=cfg.accum_dtype),
+                plan=plan)
 
     if _multi_cut_mode(cfg) == "one_pass" or len(cuts) == 1:
         have_all = stats is not None and all(c in stats.request.cuts for c in cuts)
@@ -185,8 +191,10 @@ def run(cfg) -> tuple[PruneResult, dict]:
     if cfg.get("distributed", False):
         import jax
         jax.distributed.initialize()
-    with timer("load"):
-        model, tokenizer = load_pretrained(cfg.model, param_dtype=cfg.param_dtype, dtype=cfg.dtype)
+    plan = plan_from_config(cfg)
+    with timer("load"):  # each parameter is read straight into its sharding
+        model, tokenizer = load_pretrained(cfg.model, param_dtype=cfg.param_dtype, dtype=cfg.dtype,
+                                           place=plan.place if plan is not None else None)
     with timer("calibration_data"):
         batches = calibration_batches(tokenizer, cfg.calibration)
     result = prune(model, batches, cfg)
@@ -197,6 +205,7 @@ def run(cfg) -> tuple[PruneResult, dict]:
         with timer("evaluate"):
             evaluation = rep.heldout_perplexities(model, result, tokenizer, cfg)
     report = rep.build_report(cfg, model, result, batches, evaluation, timer.times)
+    report["memory"] = run_memory_report(cfg, model.config, batches)
     with timer("save"):
         rep.save_run(cfg, result, tokenizer, report)
     report["times_s"] = {k: round(v, 2) for k, v in timer.times.items()}

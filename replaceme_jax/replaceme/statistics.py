@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from replaceme_jax.errors import ReplaceMeError
+from replaceme_jax.models.sharding import RESIDUAL, constrain, to_host
 
 Cut = tuple[int, int]
 _HI = jax.lax.Precision.HIGHEST
@@ -116,8 +117,8 @@ def _last_token(h, last_idx):
     return jnp.take_along_axis(h, last_idx[:, None, None], axis=1)[:, 0, :]
 
 
-def _batch_sums(model, input_ids, attention_mask, request: StatsRequest, depth: int):
-    """Sums for one batch (traced inside jit)."""
+def _batch_sums(model, input_ids, attention_mask, request: StatsRequest, depth: int, plan=None):
+    """Sums for one batch (traced inside jit); ``plan`` pins the residual stream's sharding."""
     acc = jnp.dtype(request.resolved_accum_dtype())
     mask = attention_mask.astype(jnp.float32)
     lengths = attention_mask.sum(-1)
@@ -125,7 +126,7 @@ def _batch_sums(model, input_ids, attention_mask, request: StatsRequest, depth: 
     # Token weights: real tokens only, or every position of a row holding a sequence.
     w = (row_valid[:, None] * jnp.ones_like(mask)) if request.include_pad else mask
     cos, sin, biases = model.attention_inputs(attention_mask)
-    h = model.embed(input_ids)
+    h = constrain(model.embed(input_ids), plan, RESIDUAL)
     # Index of each row's last real token, for right- or left-padded rows alike.
     t = attention_mask.shape[-1]
     last_idx = t - 1 - jnp.argmax(attention_mask[:, ::-1], axis=-1)
@@ -135,7 +136,7 @@ def _batch_sums(model, input_ids, attention_mask, request: StatsRequest, depth: 
     cross, target_sq = [None] * len(cuts), [None] * len(cuts)
     for k in range(depth):
         y, m = model.model.layers[k].parts(h, cos, sin, biases[k])
-        h = y + m
+        h = constrain(y + m, plan, RESIDUAL)
         if k in anchors:
             keep[k] = (y.astype(acc), m.astype(acc) * w[..., None].astype(acc))
         for c, (s, e) in enumerate(cuts):
@@ -168,30 +169,44 @@ def _batch_sums(model, input_ids, attention_mask, request: StatsRequest, depth: 
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled_step(graphdef, request: StatsRequest, depth: int):
+def _compiled_step(graphdef, request: StatsRequest, depth: int, plan=None):
     def step(state, acc, input_ids, attention_mask):
         model = nnx.merge(graphdef, state)
-        sums = _batch_sums(model, input_ids, attention_mask, request, depth)
+        sums = _batch_sums(model, input_ids, attention_mask, request, depth, plan)
         new = {}
         for k, x in sums.items():
+            if plan is not None:  # each device keeps its rows of a d x d sum: XLA reduce-scatters into them
+                x = plan.constrain_accumulator(x)
             new[k], new[k + "/comp"] = _kahan_add(acc[k], acc[k + "/comp"], x)
         return new
     return jax.jit(step, donate_argnums=(1,))
 
 
-def _zeros_like_sums(model, request: StatsRequest, depth: int, batch):
-    shapes = jax.eval_shape(lambda: _batch_sums(model, jnp.asarray(batch.input_ids),
-                                                jnp.asarray(batch.attention_mask), request, depth))
+def sum_shapes(model, request: StatsRequest, depth: int, batch_shape) -> dict:
+    """{name: ShapeDtypeStruct} of one batch's sums, by tracing the pass abstractly (no compute)."""
+    graphdef, state = nnx.split(model)
+    ids = jax.ShapeDtypeStruct(tuple(batch_shape), jnp.int32)
+    return jax.eval_shape(lambda st, i, m: _batch_sums(nnx.merge(graphdef, st), i, m, request, depth),
+                          state, ids, ids)
+
+
+def _zeros_like_sums(model, request: StatsRequest, depth: int, batch, plan=None):
+    shapes = sum_shapes(model, request, depth, np.shape(batch.input_ids))
     acc = {}
     for k, sds in shapes.items():
-        acc[k] = jnp.zeros(sds.shape, sds.dtype)
-        acc[k + "/comp"] = jnp.zeros(sds.shape, sds.dtype)
+        for name in (k, k + "/comp"):
+            acc[name] = (jnp.zeros(sds.shape, sds.dtype) if plan is None else
+                         plan.zeros(sds.shape, sds.dtype, plan.accumulator_sharding(sds.shape)))
     return acc
 
 
 def gather_statistics(model, batches: Iterable, request: StatsRequest, *, progress: bool = False,
-                      state_sharding=None, batch_sharding=None) -> Statistics:
-    """Run the pass over ``batches`` (objects with ``input_ids``/``attention_mask`` [B, T])."""
+                      plan=None) -> Statistics:
+    """Run the pass over ``batches`` (objects with ``input_ids``/``attention_mask`` [B, T]).
+
+    ``plan`` (a ``models.sharding.ShardingPlan``) runs it SPMD on a mesh: parameters on their
+    shardings, batches split over the batch axes, sums split by rows; None is one device.
+    """
     num_blocks = model.config.num_hidden_layers
     request = dataclasses.replace(request, cuts=validate_cuts(request.cuts, num_blocks))
     if request.max_distance_blocks >= num_blocks:
@@ -203,8 +218,10 @@ def gather_statistics(model, batches: Iterable, request: StatsRequest, *, progre
     if not batches:
         raise ReplaceMeError("no calibration batches: the calibration data is empty or too short")
     depth = request.depth(num_blocks)
+    if plan is not None:
+        model = plan.shard_model(model)  # no copy when the parameters are already placed
     graphdef, state = nnx.split(model)
-    step = _compiled_step(graphdef, request, depth)
+    step = _compiled_step(graphdef, request, depth, plan)
     iterator = batches
     if progress:
         from tqdm.auto import tqdm
@@ -212,15 +229,17 @@ def gather_statistics(model, batches: Iterable, request: StatsRequest, *, progre
     # x64 is switched on only around this pass (and only for the float64 sums): the model's own
     # dtypes are explicit, so its computation is unchanged.
     with jax.enable_x64(request.resolved_accum_dtype() == "float64"):
-        acc = _zeros_like_sums(model, request, depth, batches[0])
+        acc = _zeros_like_sums(model, request, depth, batches[0], plan)
         for batch in iterator:
-            ids = jnp.asarray(batch.input_ids, jnp.int32)
-            mask = jnp.asarray(batch.attention_mask, jnp.int32)
-            if batch_sharding is not None:
-                ids, mask = jax.device_put(ids, batch_sharding), jax.device_put(mask, batch_sharding)
+            ids = np.asarray(batch.input_ids, np.int32)
+            mask = np.asarray(batch.attention_mask, np.int32)
+            if plan is None:
+                ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+            else:
+                ids, mask = plan.put_batch(ids), plan.put_batch(mask)
             acc = step(state, acc, ids, mask)
-        host = {k: np.asarray(jax.device_get(v), np.float64) for k, v in acc.items() if not k.endswith("/comp")}
-        comp = {k: np.asarray(jax.device_get(acc[k + "/comp"]), np.float64) for k in host}
+        host = {k: to_host(v).astype(np.float64) for k, v in acc.items() if not k.endswith("/comp")}
+        comp = {k: to_host(acc[k + "/comp"]).astype(np.float64) for k in host}
     total = {k: host[k] - comp[k] for k in host}  # fold the last compensation term back in
     if total["sequences"] <= 0:
         raise ReplaceMeError("calibration batches hold no tokens: the calibration data is empty or too short")
@@ -258,12 +277,15 @@ def _compiled_token_step(graphdef, cut: Cut):
 
 
 def gather_tokens(model, batches: Iterable, cut: Cut, buffer, *, include_pad: bool = False,
-                  progress: bool = False):
+                  progress: bool = False, plan=None):
     """Stream (M_a, Y_a, L_{e-1}) rows of real tokens for ``cut`` into a bounded ``TokenBuffer``.
 
     Only the cosine-type solvers need tokens; the buffer keeps a uniform sample within its budget.
+    ``plan`` as in ``gather_statistics``.
     """
     (cut,) = validate_cuts([cut], model.config.num_hidden_layers)
+    if plan is not None:
+        model = plan.shard_model(model)
     graphdef, state = nnx.split(model)
     step = _compiled_token_step(graphdef, cut)
     iterator = batches
@@ -271,7 +293,8 @@ def gather_tokens(model, batches: Iterable, cut: Cut, buffer, *, include_pad: bo
         from tqdm.auto import tqdm
         iterator = tqdm(list(batches), desc=f"tokens for cut {cut}", unit="batch")
     for batch in iterator:
-        m, y, l = jax.device_get(step(state, jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask)))
+        put = jnp.asarray if plan is None else plan.put_batch
+        m, y, l = map(to_host, step(state, put(batch.input_ids), put(batch.attention_mask)))
         mask = np.asarray(batch.attention_mask, bool)
         if include_pad:
             mask = np.broadcast_to(mask.any(-1, keepdims=True), mask.shape)

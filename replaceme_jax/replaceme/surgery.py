@@ -20,10 +20,15 @@ _HI = jax.lax.Precision.HIGHEST
 
 
 def fold_transform(kernel: jax.Array, T) -> jax.Array:
-    """down_proj kernel [d_ff, d] @ T [d, d], computed in float32 at full precision, cast back."""
-    T = jnp.asarray(np.asarray(T, np.float32))
-    out = jnp.matmul(kernel.astype(jnp.float32), T, precision=_HI)
-    return out.astype(kernel.dtype)
+    """down_proj kernel [d_ff, d] @ T [d, d], computed in float32 at full precision, cast back.
+
+    Runs where the kernel lives and keeps its sharding, so a sharded model stays sharded (T, a
+    host array, is replicated to the kernel's devices).
+    """
+    kernel = jnp.asarray(kernel)
+    fold = jax.jit(lambda k, t: jnp.matmul(k.astype(jnp.float32), t, precision=_HI).astype(k.dtype),
+                   out_shardings=kernel.sharding)
+    return fold(kernel, np.asarray(T, np.float32))
 
 
 def apply_cuts(model: CausalLM, cuts: Sequence[Cut], transforms: Sequence | None = None) -> CausalLM:
