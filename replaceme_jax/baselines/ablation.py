@@ -1,0 +1,523 @@
+"""A resumable sweep of ReplaceMe and its baselines: prune, evaluate, tabulate, plot.
+
+Rows are the product of the sweep settings (``configs/ablation_smollm2.py``): method x solver x
+blocks per cut x number of transforms x ridge alpha x calibration size x selection rule (a setting
+only multiplies the methods it applies to). The statistics pass, ShortGPT's Block Influence,
+SLEB's greedy order and the search rule's scores are cached under ``<output_dir>/cache`` keyed by
+their settings; each finished row is one JSON file under ``<output_dir>/rows``, so an interrupted
+sweep resumes where it stopped. After every row the tables (``results.csv``, ``results.md``,
+``selection.md`` when the search rule ran) and ``plots.png`` are rewritten atomically.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from replaceme_jax.baselines import methods as mth
+from replaceme_jax.baselines.nll import subset_batches
+from replaceme_jax.baselines.search import CLOSED_FORM, search_scores
+from replaceme_jax.baselines.shortgpt import block_influence
+from replaceme_jax.baselines.sleb import SlebResult, sleb_order
+from replaceme_jax.baselines.statistics_cache import cached_statistics, digest
+from replaceme_jax.errors import ReplaceMeError
+from replaceme_jax.io_utils import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+SELECTIONS = ("angular", "residual", "search")
+LABELS = {"drop": "UIDL drop", "shortgpt": "ShortGPT", "sleb": "SLEB"}
+
+
+def sweep_config():
+    """Default sweep settings (``configs/ablation_smollm2.py`` adds the README-table, selection-study
+    and small modes). Sweep lists are comma-separated strings."""
+    import ml_collections
+
+    from replaceme_jax.replaceme.config import default_config
+    c = ml_collections.ConfigDict()
+    # The pipeline settings every row shares (model, calibration data, cosine solver, ...).
+    p = default_config()
+    p.model = "smollm2-135m"
+    p.calibration.num_samples = 128  # overridden per row by sweep.calibration_sizes
+    p.calibration.max_length = 256
+    p.calibration.batch_size = 8
+    p.progress = False
+    c.pipeline = p
+
+    c.sweep = ml_collections.ConfigDict()
+    c.sweep.methods = "replaceme,drop,shortgpt,sleb"  # replaceme | drop | shortgpt | sleb
+    c.sweep.solvers = "lstsq,diag,orth_diag,cosine"   # ReplaceMe's transform estimators
+    c.sweep.selections = "angular"                    # angular | residual | search
+    c.sweep.num_blocks = "4,6,8,10"                   # blocks per cut
+    c.sweep.num_transforms = "1"
+    c.sweep.alphas = "0"
+    c.sweep.calibration_sizes = "128"                 # calibration passages
+
+    c.sleb = ml_collections.ConfigDict()
+    c.sleb.num_sequences = 16     # calibration sequences scored per candidate model
+    c.sleb.max_candidates = 0     # 0: try every remaining block; k: the k of lowest Block Influence
+
+    c.search = ml_collections.ConfigDict()
+    c.search.num_samples = 32     # validation passages (calibration source's validation part)
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.ppl_windows = 8        # held-out Wikipedia windows (0: all)
+    c.eval.window = 1024
+    c.eval.ppl_batch_size = 4
+    c.eval.tasks = "paper"        # lm-eval tasks for Avg-acc ("" to skip)
+    c.eval.limit = 100            # first items per task (0: all); tables state it
+    c.eval.batch_size = 64
+    c.eval.max_batch_tokens = 4096
+
+    c.output_dir = "runs/ablation"
+    c.overwrite = False           # True: drop the rows of a sweep that had other fixed settings
+    c.plots = True
+    c.progress = True
+    return c
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One pruned model of the sweep; fields that do not apply to a method are None."""
+    method: str
+    removed: int                  # blocks removed in total
+    calibration_size: int
+    solver: str | None = None
+    selection: str | None = None
+    blocks_per_cut: int | None = None
+    num_transforms: int | None = None
+    alpha: float | None = None
+
+    @property
+    def id(self) -> str:
+        parts = [self.method, self.solver, self.selection, f"n{self.blocks_per_cut}" if self.blocks_per_cut else None,
+                 f"T{self.num_transforms}" if self.num_transforms else None,
+                 f"a{self.alpha:g}" if self.alpha is not None else None, f"r{self.removed}",
+                 f"cal{self.calibration_size}"]
+        return "_".join(p for p in parts if p is not None)
+
+
+def _split(value, cast) -> list:
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    try:
+        out = [cast(str(x).strip()) for x in items if str(x).strip()]
+    except ValueError as e:
+        raise ReplaceMeError(f"cannot read the sweep list {value!r}: {e}; write comma-separated values") from e
+    if not out:
+        raise ReplaceMeError(f"empty sweep list {value!r}; give at least one value")
+    return list(dict.fromkeys(out))
+
+
+def sweep_rows(cfg) -> list[Row]:
+    """Every row of the sweep, deduplicated, in a stable order."""
+    sw = cfg.sweep
+    methods = _split(sw.methods, str)
+    unknown = [m for m in methods if m not in mth.METHODS]
+    if unknown:
+        raise ReplaceMeError(f"unknown methods {unknown}; choose from {mth.METHODS}")
+    solver_names = _split(sw.solvers, str)
+    bad = [s for s in solver_names if s not in mth.SOLVER_NAMES]
+    if bad:
+        raise ReplaceMeError(f"unknown solvers {bad}; choose from {mth.SOLVER_NAMES}")
+    selections = _split(sw.selections, str)
+    bad = [s for s in selections if s not in SELECTIONS]
+    if bad:
+        raise ReplaceMeError(f"unknown selection rules {bad}; choose from {SELECTIONS}")
+    sizes, ns = _split(sw.calibration_sizes, int), _split(sw.num_blocks, int)
+    counts, alphas = _split(sw.num_transforms, int), _split(sw.alphas, float)
+    rows = []
+    for cal in sizes:
+        for n in ns:
+            for t in counts:
+                for method in methods:
+                    if method == "replaceme":
+                        rows += [Row("replaceme", n * t, cal, s, r, n, t, a)
+                                 for s in solver_names for r in selections for a in alphas]
+                    elif method == "drop":
+                        rows += [Row("drop", n * t, cal, None, r, n, t) for r in selections]
+                    else:
+                        rows.append(Row(method, n * t, cal))
+    return list(dict.fromkeys(rows))
+
+
+def fixed_settings(cfg) -> dict:
+    """Everything a row's numbers depend on that is not a sweep dimension (checked on resume)."""
+    p = cfg.pipeline
+    cal = {k: v for k, v in p.calibration.to_dict().items() if k != "num_samples"}
+    return {"model": p.model, "param_dtype": p.param_dtype, "dtype": p.dtype, "calibration": cal,
+            "accum_dtype": p.accum_dtype, "merge_consecutive": p.merge_consecutive, "cosine": p.cosine.to_dict(),
+            "seed": p.seed, "sleb": cfg.sleb.to_dict(), "search": cfg.search.to_dict(),
+            "eval": cfg.eval.to_dict()}
+
+
+class Evaluator:
+    """Held-out perplexity and (optionally) lm-eval accuracies of a model, with the corpus tokenised once."""
+
+    def __init__(self, tokenizer, ecfg):
+        from replaceme_jax.data.corpora import heldout_wikipedia_texts
+        from replaceme_jax.eval.perplexity import tokenize_corpus
+        self.tokenizer, self.cfg = tokenizer, ecfg
+        self.ids = tokenize_corpus(tokenizer, heldout_wikipedia_texts())
+
+    def __call__(self, model) -> dict:
+        from replaceme_jax.eval.perplexity import perplexity
+        e = self.cfg
+        t0 = time.perf_counter()
+        out = {"heldout_ppl": perplexity(model, self.ids, window=e.window, max_windows=e.ppl_windows or None,
+                                         batch_size=e.ppl_batch_size).to_dict()}
+        if e.tasks:
+            from replaceme_jax.eval.harness import evaluate_models
+            from replaceme_jax.eval.report import avg_acc
+            res = evaluate_models([("model", model, self.tokenizer)], tasks=e.tasks, limit=e.limit or None,
+                                  heldout_ppl=False, batch_size=e.batch_size, max_batch_tokens=e.max_batch_tokens)
+            record = res["models"]["model"]
+            out["tasks"] = record["tasks"]
+            out["avg_acc"] = avg_acc(record)
+        out["eval_seconds"] = round(time.perf_counter() - t0, 1)
+        return out
+
+
+class Sweep:
+    """Runs ``sweep_rows(cfg)`` into ``cfg.output_dir``, skipping rows already there."""
+
+    def __init__(self, cfg, model=None, tokenizer=None, log=print):
+        self.cfg, self.log = cfg, log
+        self.out = Path(cfg.output_dir)
+        self.rows_dir, self.cache = self.out / "rows", self.out / "cache"
+        self.model, self.tokenizer = model, tokenizer
+        self.rows = sweep_rows(cfg)
+        self._check_resume()
+        self._evaluator = None
+
+    def _check_resume(self):
+        settings = fixed_settings(self.cfg)
+        path = self.out / "sweep.json"
+        if path.exists():
+            old = json.loads(path.read_text())["fixed"]
+            if old != json.loads(json.dumps(settings)):
+                if not self.cfg.overwrite:
+                    changed = sorted(k for k in settings if old.get(k) != json.loads(json.dumps(settings[k])))
+                    raise ReplaceMeError(
+                        f"{self.out} holds a sweep with other fixed settings ({', '.join(changed)}); resume it "
+                        "with the same settings, pick another output_dir, or set overwrite=True to drop its rows")
+                shutil.rmtree(self.rows_dir, ignore_errors=True)
+        atomic_write_json(path, {"fixed": settings, "rows": [r.id for r in self.rows]})
+
+    # -- cached inputs ------------------------------------------------------------------------
+    def _load(self):
+        if self.model is None:
+            from replaceme_jax.checkpoints import load_pretrained
+            p = self.cfg.pipeline
+            self.model, self.tokenizer = load_pretrained(p.model, param_dtype=p.param_dtype, dtype=p.dtype)
+        return self.model, self.tokenizer
+
+    def _calibration(self, size: int):
+        from replaceme_jax.replaceme.pipeline import calibration_batches
+        cal = self.cfg.pipeline.calibration.copy_and_resolve_references()
+        cal.num_samples = size
+        key = {"fixed": fixed_settings(self.cfg)["calibration"], "model": self.cfg.pipeline.model,
+               "dtype": [self.cfg.pipeline.param_dtype, self.cfg.pipeline.dtype],
+               "accum_dtype": self.cfg.pipeline.accum_dtype, "num_samples": size}
+        return calibration_batches(self.tokenizer, cal), key
+
+    def _validation(self):
+        from replaceme_jax.replaceme.pipeline import calibration_batches
+        cal = self.cfg.pipeline.calibration.copy_and_resolve_references()
+        cal.num_samples = self.cfg.search.num_samples
+        return calibration_batches(self.tokenizer, cal, part="validation")
+
+    def _cached_json(self, name: str, key: dict, compute):
+        path = self.cache / f"{name}-{digest(key)}.json"
+        if path.exists():
+            return json.loads(path.read_text())["value"]
+        value = compute()
+        atomic_write_json(path, {"key": key, "value": value})
+        return value
+
+    def _sleb_order(self, batches, key: dict, n: int, influence) -> SlebResult:
+        """The cached greedy order, extended one block at a time (each step saved) up to ``n``."""
+        s = self.cfg.sleb
+        key = {**key, "sleb": s.to_dict()}
+        path = self.cache / f"sleb-{digest(key)}.json"
+        order = None
+        if path.exists():
+            saved = json.loads(path.read_text())["value"]
+            order = SlebResult(tuple(saved["order"]), tuple(saved["losses"]), 0)
+        scored = subset_batches(batches, s.num_sequences or None)
+        while order is None or len(order.order) < n:
+            k = 1 if order is None else len(order.order) + 1
+            order = sleb_order(self.model, scored, k, max_candidates=s.max_candidates or None,
+                               prefilter=influence if s.max_candidates else None, start=order,
+                               progress=self.cfg.progress)
+            atomic_write_json(path, {"key": key, "value": {"order": list(order.order),
+                                                           "losses": list(order.losses)}})
+        return order
+
+    # -- rows ---------------------------------------------------------------------------------
+    def done(self) -> set[str]:
+        return {p.stem for p in self.rows_dir.glob("*.json")} if self.rows_dir.exists() else set()
+
+    def _save_row(self, name: str, record: dict):
+        atomic_write_json(self.rows_dir / f"{name}.json", record)
+        write_outputs(self.out, load_rows(self.out), self.cfg)
+
+    def _evaluate(self, model) -> dict:
+        if self._evaluator is None:
+            self._evaluator = Evaluator(self.tokenizer, self.cfg.eval)
+        return self._evaluator(model)
+
+    def run(self) -> list[dict]:
+        done = self.done()
+        pending = [r for r in self.rows if r.id not in done]
+        self.log(f"sweep: {len(self.rows)} rows, {len(self.rows) - len(pending)} already done, "
+                 f"{len(pending)} to run -> {self.out}")
+        if "dense" not in done or pending:
+            self._load()
+        if "dense" not in done:
+            self.log("evaluating the dense model")
+            evaluation = self._evaluate(self.model)
+            self._save_row("dense", {"id": "dense", "method": "dense", "removed": 0,
+                                     "num_blocks": self.model.config.num_hidden_layers, **evaluation})
+            self.log(f"[dense] {_summary(evaluation)}")
+        for size in dict.fromkeys(r.calibration_size for r in pending):
+            self._run_size(size, [r for r in pending if r.calibration_size == size])
+        rows = load_rows(self.out)
+        write_outputs(self.out, rows, self.cfg)
+        return rows
+
+    def _run_size(self, size: int, rows: list[Row]):
+        model, p = self.model, self.cfg.pipeline
+        batches, key = self._calibration(size)
+        ns = sorted({r.blocks_per_cut for r in rows if r.method in ("replaceme", "drop")})
+        stats = cached_statistics(self.cache, key, ns, model, batches, include_pad=p.calibration.include_pad,
+                                  accum_dtype=p.accum_dtype, progress=self.cfg.progress) if ns else {}
+        influence = None
+        if any(r.method == "shortgpt" for r in rows) or (self.cfg.sleb.max_candidates and
+                                                        any(r.method == "sleb" for r in rows)):
+            influence = np.asarray(self._cached_json(
+                "influence", key, lambda: [float(x) for x in block_influence(model, batches)]))
+        validation = None
+        if any(r.selection == "search" for r in rows):
+            validation = self._validation()
+        for i, row in enumerate(rows):
+            t0 = time.perf_counter()
+            scores = None
+            if row.selection == "search":
+                solver = "none" if row.method == "drop" else (row.solver if row.solver in CLOSED_FORM else "lstsq")
+                alpha = row.alpha or 0.0
+                raw = self._cached_json(
+                    "search", {**key, "n": row.blocks_per_cut, "solver": solver, "alpha": alpha,
+                               "search": self.cfg.search.to_dict()},
+                    lambda: {f"{s}-{e}": v for (s, e), v in search_scores(
+                        stats[row.blocks_per_cut], row.blocks_per_cut, alpha, model=model, validation=validation,
+                        solver=solver, progress=self.cfg.progress).items()})
+                scores = {tuple(int(x) for x in c.split("-")): v for c, v in raw.items()}
+            if row.method == "replaceme":
+                result = mth.replaceme(model, batches, stats[row.blocks_per_cut], row.blocks_per_cut,
+                                       solver=row.solver, alpha=row.alpha, rule=row.selection,
+                                       num_transforms=row.num_transforms, merge_consecutive=p.merge_consecutive,
+                                       validation=validation, scores=scores, cfg=p)
+            elif row.method == "drop":
+                result = mth.drop(model, stats[row.blocks_per_cut], row.blocks_per_cut, rule=row.selection,
+                                  num_transforms=row.num_transforms, merge_consecutive=p.merge_consecutive,
+                                  validation=validation, scores=scores)
+            elif row.method == "shortgpt":
+                result = mth.shortgpt(model, row.removed, influence=influence)
+            else:
+                order = self._sleb_order(batches, key, row.removed, influence)
+                result = mth.sleb(model, row.removed, order=order)
+            prune_seconds = time.perf_counter() - t0
+            evaluation = self._evaluate(result.model)
+            record = {**dataclasses.asdict(row), "id": row.id, "removed_blocks": result.removed,
+                      "cuts": [list(c) for c in result.cuts], "num_blocks": result.model.config.num_hidden_layers,
+                      "residuals": result.info.get("residuals"), "selection_scores": result.info.get("scores"),
+                      "prune_seconds": round(prune_seconds, 1), **evaluation}
+            self._save_row(row.id, record)
+            self.log(f"[{row.id}] blocks {result.removed}: {_summary(evaluation)}, {prune_seconds:.0f} s prune")
+
+
+def _summary(evaluation: dict) -> str:
+    acc = evaluation.get("avg_acc")
+    return (f"held-out ppl {evaluation['heldout_ppl']['ppl']:.2f}" + (f", Avg-acc {acc:.3f}" if acc is not None else "")
+            + f" ({evaluation['eval_seconds']:.0f} s eval)")
+
+
+def run_sweep(cfg, model=None, tokenizer=None, log=print) -> list[dict]:
+    """Run (or resume) the sweep of ``cfg``; returns every finished row's record (dense first)."""
+    return Sweep(cfg, model, tokenizer, log).run()
+
+
+# -- tables and plots -------------------------------------------------------------------------
+def load_rows(output_dir) -> list[dict]:
+    rows_dir = Path(output_dir) / "rows"
+    rows = [json.loads(p.read_text()) for p in sorted(rows_dir.glob("*.json"))] if rows_dir.exists() else []
+    order = {m: i for i, m in enumerate(("dense", *mth.METHODS))}
+    return sorted(rows, key=lambda r: (r["removed"], order[r["method"]], label(r, rows)))
+
+
+def _varying(rows: list[dict], field: str, methods=("replaceme", "drop")) -> bool:
+    return len({r.get(field) for r in rows if r["method"] in methods}) > 1
+
+
+def label(row: dict, rows: list[dict]) -> str:
+    """Line / table name of a row's method; settings that vary across the sweep are appended."""
+    if row["method"] == "dense":
+        return "dense"
+    name = f"ReplaceMe {row['solver']}" if row["method"] == "replaceme" else LABELS[row["method"]]
+    extra = []
+    if row["method"] in ("replaceme", "drop"):
+        if _varying(rows, "selection"):
+            extra.append(row["selection"])
+        if _varying(rows, "num_transforms"):
+            extra.append(f"{row['num_transforms']} cuts")
+        if row["method"] == "replaceme" and _varying(rows, "alpha", ("replaceme",)):
+            extra.append(f"α={row['alpha']:g}")
+    if len({r.get("calibration_size") for r in rows if r["method"] != "dense"}) > 1:
+        extra.append(f"cal {row['calibration_size']}")
+    return name + (f" ({', '.join(extra)})" if extra else "")
+
+
+def _fmt(x, spec: str) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def table_records(rows: list[dict]) -> list[dict]:
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    out = []
+    for r in rows:
+        ppl = r["heldout_ppl"]["ppl"]
+        acc = r.get("avg_acc")
+        rec = {"label": label(r, rows), "method": r["method"], "solver": r.get("solver"),
+               "selection": r.get("selection"), "blocks_per_cut": r.get("blocks_per_cut"),
+               "num_transforms": r.get("num_transforms"), "alpha": r.get("alpha"),
+               "calibration_size": r.get("calibration_size"), "removed": r["removed"],
+               "num_blocks": r["num_blocks"], "removed_blocks": " ".join(map(str, r.get("removed_blocks", []))),
+               "heldout_ppl": ppl, "ppl_x_dense": ppl / dense["heldout_ppl"]["ppl"] if dense else None,
+               "avg_acc": acc,
+               "avg_acc_pct_dense": 100 * acc / dense["avg_acc"] if dense and acc is not None and dense.get("avg_acc")
+               else None}
+        for task, metrics in sorted((r.get("tasks") or {}).items()):
+            from replaceme_jax.eval.tasks import TASKS
+            rec[f"{task}_{TASKS[task].metric}"] = metrics[TASKS[task].metric]
+        rec["prune_seconds"], rec["eval_seconds"] = r.get("prune_seconds"), r.get("eval_seconds")
+        out.append(rec)
+    return out
+
+
+def results_csv(rows: list[dict]) -> str:
+    import csv
+    records = table_records(rows)
+    fields = list(dict.fromkeys(k for rec in records for k in rec))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(records)
+    return buf.getvalue()
+
+
+def settings_note(cfg) -> str:
+    p, e = cfg.pipeline, cfg.eval
+    tasks = f"tasks `{e.tasks}`, first {e.limit} items per task" if e.tasks and e.limit else (
+        f"tasks `{e.tasks}` (all items)" if e.tasks else "no lm-eval tasks")
+    windows = f"{e.ppl_windows} windows" if e.ppl_windows else "all windows"
+    return (f"Model `{p.model}`; calibration `{p.calibration.source}` passages x {p.calibration.max_length} tokens; "
+            f"held-out Wikipedia perplexity on {windows} of {e.window} tokens; {tasks}; Avg-acc = mean accuracy "
+            f"of the paper's tasks present (LAMBADA excluded). SLEB scores {cfg.sleb.num_sequences or 'all'} "
+            f"calibration sequences per candidate.")
+
+
+def results_markdown(rows: list[dict], cfg=None) -> str:
+    records = table_records(rows)
+    header = ["Removed", "Method", "Blocks removed", "Held-out ppl", "× dense", "Avg-acc", "% of dense"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for rec in records:
+        lines.append("| " + " | ".join([
+            str(rec["removed"]), rec["label"], rec["removed_blocks"] or "–", _fmt(rec["heldout_ppl"], ".2f"),
+            _fmt(rec["ppl_x_dense"], ".2f"), _fmt(rec["avg_acc"], ".3f"), _fmt(rec["avg_acc_pct_dense"], ".1f")]) + " |")
+    note = f"\n\n{settings_note(cfg)}\n" if cfg is not None else "\n"
+    return "\n".join(lines) + note
+
+
+def selection_markdown(rows: list[dict]) -> str | None:
+    """How far the angular and residual rules land from the search rule's best cut."""
+    search = {_study_key(r): r for r in rows if r.get("selection") == "search"}
+    if not search:
+        return None
+    header = ["Method", "n", "Rule", "Cut", "Best cut (search)", "Held-out ppl", "Best ppl", "Δ ppl",
+              "Avg-acc", "Best Avg-acc", "Δ Avg-acc"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for r in rows:
+        best = search.get(_study_key(r)) if r.get("selection") in ("angular", "residual") else None
+        if best is None:
+            continue
+        acc, best_acc = r.get("avg_acc"), best.get("avg_acc")
+        d_acc = acc - best_acc if acc is not None and best_acc is not None else None
+        lines.append("| " + " | ".join([
+            label({**r, "selection": None}, [r]), str(r["blocks_per_cut"]), r["selection"], _cuts(r), _cuts(best),
+            _fmt(r["heldout_ppl"]["ppl"], ".2f"), _fmt(best["heldout_ppl"]["ppl"], ".2f"),
+            _fmt(r["heldout_ppl"]["ppl"] - best["heldout_ppl"]["ppl"], "+.2f"),
+            _fmt(acc, ".3f"), _fmt(best_acc, ".3f"), _fmt(d_acc, "+.3f")]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _study_key(r: dict):
+    return (r["method"], r.get("solver"), r.get("blocks_per_cut"), r.get("num_transforms"), r.get("alpha"),
+            r.get("calibration_size"))
+
+
+def _cuts(r: dict) -> str:
+    return ",".join(f"{s}-{e}" for s, e in r.get("cuts", []))
+
+
+def plot_png(rows: list[dict]) -> bytes | None:
+    """Held-out perplexity and Avg-acc retained vs blocks removed, one line per method."""
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    pruned = [r for r in rows if r["method"] != "dense"]
+    if dense is None or not pruned:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with_acc = dense.get("avg_acc") is not None
+    fig, axes = plt.subplots(1, 2 if with_acc else 1, figsize=(12 if with_acc else 6, 4.5), squeeze=False)
+    lines: dict[str, list[dict]] = {}
+    for r in pruned:
+        lines.setdefault(label(r, rows), []).append(r)
+    for name, members in lines.items():
+        members = sorted(members, key=lambda r: r["removed"])
+        x = [0] + [r["removed"] for r in members]
+        axes[0][0].plot(x, [dense["heldout_ppl"]["ppl"]] + [r["heldout_ppl"]["ppl"] for r in members],
+                        marker="o", label=name)
+        if with_acc:
+            axes[0][1].plot(x, [100.0] + [100 * r["avg_acc"] / dense["avg_acc"] for r in members],
+                            marker="o", label=name)
+    axes[0][0].set_yscale("log")
+    axes[0][0].set_xlabel("blocks removed")
+    axes[0][0].set_ylabel("held-out perplexity (log)")
+    axes[0][0].legend(fontsize=8)
+    if with_acc:
+        axes[0][1].set_xlabel("blocks removed")
+        axes[0][1].set_ylabel("Avg-acc, % of dense")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_outputs(output_dir, rows: list[dict], cfg=None) -> None:
+    out = Path(output_dir)
+    atomic_write_text(out / "results.csv", results_csv(rows))
+    atomic_write_text(out / "results.md", results_markdown(rows, cfg))
+    study = selection_markdown(rows)
+    if study is not None:
+        atomic_write_text(out / "selection.md", study)
+    if cfg is None or cfg.plots:
+        png = plot_png(rows)
+        if png is not None:
+            atomic_write_bytes(out / "plots.png", png)
