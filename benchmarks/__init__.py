@@ -1,0 +1,1 @@
+"""Benchmarks of the ReplaceMe pipeline: speed against a PyTorch baseline, FLOP counts, memory."""
