@@ -4,8 +4,9 @@ The pass holds, per device:
   parameters     every parameter's shard (shapes x shardings of the plan), resident for the run;
   accumulators   the running sums (MᵀM per anchor, Mᵀ(L-Y) per cut, ...) and their Kahan
                  compensations, split by rows over all devices (``sharding.ACCUMULATOR``);
-  partial sums   one batch's d x d sums before XLA reduce-scatters them into the accumulators:
-                 whole (not split) on every device, all of one step at once;
+  partial sums   when the batch is split: one batch's d x d sums, whole on every device, before
+                 XLA reduce-scatters them into the accumulators (XLA:CPU all-reduces into a second
+                 whole copy); when it is not, each device computes only its own rows;
   activations    the live tensors of one step: the residual stream (h, Y, M) of the block being run,
                  the anchors still waiting for their cut's end (Y_a and M_a in the accumulator dtype;
                  at most n+1 at a time for cuts of n blocks), one block's attention (q, k, v, scores
@@ -15,10 +16,15 @@ The pass holds, per device:
   upcast         XLA:CPU only: it multiplies bf16/f16 in float32 and keeps a float32 copy of every
                  weight the pass multiplies by (an artefact of the CPU backend, absent on GPU/TPU).
 
-Everything is computed from shapes (``jax.eval_shape`` of the pass and of the model) and the
-sharding rules' arithmetic, so ``dry_run`` plans a 70B model on a pod slice from a laptop, without
-weights or devices. ``xla_memory`` reads XLA's own numbers (``compiled.memory_analysis()``) for
-comparison.
+A step first runs the blocks (activations, gathered weights, upcasts live), then reduces the sums
+(partial sums live), so its temporaries are the larger of the two. Everything is computed from
+shapes (``jax.eval_shape`` of the pass and of the model) and the sharding rules' arithmetic, so
+``dry_run`` plans a 70B model on a pod slice from a laptop, without weights or devices.
+``xla_memory`` reads XLA's own numbers (``compiled.memory_analysis()``) for comparison: parameters,
+sums and batch match XLA's argument sizes to the byte; for Llama-3-8B-shaped steps on 8 simulated
+CPU devices the whole step is within 4 % of XLA's total; the activation term alone is an estimate
+(within about 30 % where it dominates, on small models). The GPU/TPU terms (two gathered blocks,
+two float32 softmax buffers, a true reduce-scatter) are the design's expectations, not yet measured.
 """
 from __future__ import annotations
 
@@ -140,11 +146,13 @@ class MemoryModel:
 
 
 def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+    if abs(n) < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
         n /= 1024
-    raise AssertionError("unreachable")
+        if abs(n) < 1024 or unit == "TiB":
+            break
+    return f"{n:.2f} {unit}"
 
 
 def _nbytes(shape, dtype) -> int:

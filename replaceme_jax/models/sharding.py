@@ -272,7 +272,7 @@ def plan_from_config(cfg) -> ShardingPlan | None:
     """The plan of a run config (``cfg.mesh.{data,model,rules}``); None for the default 1 x 1 mesh."""
     mesh = cfg.mesh
     data, model = int(mesh.data), int(mesh.model)
-    rules = mesh.get("rules", "fsdp") if hasattr(mesh, "get") else "fsdp"
+    rules = mesh.get("rules", "fsdp")
     rule_set(rules)
     if data == 1 and model == 1:
         return None

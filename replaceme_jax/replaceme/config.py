@@ -62,6 +62,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1                 # data-parallel axis size (batches)
     c.mesh.model = 1                # model axis size (parameters: FSDP / tensor parallel)
+    c.mesh.rules = "fsdp"           # fsdp | tensor: logical-axis rules (models/sharding.py)
+    c.architecture = ""             # published architecture name for --dry_run without weights
     c.distributed = False           # call jax.distributed.initialize() (multi-host)
     c.progress = True
     return c
