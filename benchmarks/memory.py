@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import re
 import resource
@@ -19,6 +20,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger(__name__)
 
 
 def _status_kib(field: str) -> int:
@@ -85,6 +87,8 @@ def measure(cfg, model: str, *, base_samples: int, multipliers=(1, 4, 16), solve
             row["multiplier"] = k
             first = first or row
             row["growth_vs_1x"] = row["pipeline_peak_mib"] / first["pipeline_peak_mib"] - 1
+            log.info("memory: %s %dx: pipeline peak %.0f MiB (%+.1f%% vs 1x)", solver, k,
+                     row["pipeline_peak_mib"], 100 * row["growth_vs_1x"])
             rows.append(row)
     return {"base_samples": base_samples, "max_length": cfg.calibration.max_length,
             "multipliers": list(multipliers), "rows": rows}

@@ -9,6 +9,7 @@ min-max over the warm runs.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import platform
@@ -21,13 +22,15 @@ import numpy as np
 
 from benchmarks import flops
 
+log = logging.getLogger(__name__)
+
+# The stages that make up "end to end" (loading, data and saving are timed but not included).
 OUR_E2E = ("statistics", "selection", "solve", "surgery")
-OUR_STAGES = ("load", "data", *OUR_E2E, "save")
 TORCH_E2E = ("distances", "selection", "normal_equations", "solve", "surgery")
-TORCH_STAGES = ("load", "data", *TORCH_E2E, "save")
 
 
 def summarize(values) -> dict:
+    """Median and min-max of a list of seconds."""
     values = [float(v) for v in values]
     return {"median": pystats.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
@@ -126,6 +129,8 @@ def run_ours(cfg, hf_dir: Path, *, repeats: int, workdir: Path, cold: bool = Tru
         shutil.rmtree(out, ignore_errors=True)
         times["end_to_end"] = sum(times[k] for k in OUR_E2E)
         runs.append({"cold": is_cold, "times": times, "cuts": [list(c) for c in result.cuts]})
+        log.info("ours (%s) run %d%s: %s", cfg.solver, i, " (cold)" if is_cold else "",
+                 ", ".join(f"{k} {v:.2f}s" for k, v in times.items()))
         last = (result, model, tokenizer, batches)
     return OurRuns(runs, *last)
 
@@ -171,6 +176,7 @@ def run_torch(cfg, hf_dir: Path, *, repeats: int, workdir: Path, include_pad: bo
         shutil.rmtree(out, ignore_errors=True)
         times["end_to_end"] = sum(times[k] for k in TORCH_E2E)
         runs.append({"times": times, "cuts": [list(result.cut)]})
+        log.info("PyTorch baseline run %d: %s", i, ", ".join(f"{k} {v:.2f}s" for k, v in times.items()))
         last = (result, [b.shape for b in batches], int(sum(int(b.attention_mask.sum()) for b in batches)))
         del model, result
     return TorchRuns(runs, *last)
@@ -190,25 +196,25 @@ def statistics_requests(cfg, result, num_blocks: int) -> list:
 
 
 def count_our_flops(config, cfg, result, batches) -> dict:
+    """FLOPs of our statistics pass(es) on the padded batch shapes that ran, and on real tokens only."""
     shapes = [b.shape for b in batches]
     lengths = [(1, int(n)) for b in batches for n in b.attention_mask.sum(-1) if n > 0]
     out = {"padded_tokens": sum(b * t for b, t in shapes), "real_tokens": sum(n for _, n in lengths),
-           "shapes": [list(s) for s in sorted(set(shapes))], "passes": []}
-    for key, sh in (("padded", shapes), ("real", lengths)):
-        acc = {"model": 0, "sums": 0, "total": 0}
-        for req in statistics_requests(cfg, result, config.num_hidden_layers):
-            part = flops.statistics_flops(config, sh, depth=req.depth(config.num_hidden_layers),
-                                          num_products=len(req.anchors) + len(req.cuts))
-            acc = {k: acc[k] + part[k] for k in acc}
-        out[key] = acc
-    for req in statistics_requests(cfg, result, config.num_hidden_layers):
-        out["passes"].append({"depth": req.depth(config.num_hidden_layers), "anchors": len(req.anchors),
-                              "cuts": len(req.cuts), "distances": bool(req.max_distance_blocks),
-                              "accum_dtype": req.resolved_accum_dtype()})
+           "shapes": [list(s) for s in sorted(set(shapes))], "passes": [],
+           "padded": {"model": 0, "sums": 0, "total": 0}, "real": {"model": 0, "sums": 0, "total": 0}}
+    num_blocks = config.num_hidden_layers
+    for req in statistics_requests(cfg, result, num_blocks):
+        depth, products = req.depth(num_blocks), len(req.anchors) + len(req.cuts)
+        out["passes"].append({"depth": depth, "anchors": len(req.anchors), "cuts": len(req.cuts),
+                              "distances": bool(req.max_distance_blocks), "accum_dtype": req.resolved_accum_dtype()})
+        for key, sh in (("padded", shapes), ("real", lengths)):
+            part = flops.statistics_flops(config, sh, depth=depth, num_products=products)
+            out[key] = {k: out[key][k] + part[k] for k in part}
     return out
 
 
 def count_torch_flops(config, runs: TorchRuns) -> dict:
+    """FLOPs of the baseline's two passes on its padded batch shapes."""
     return {"padded_tokens": sum(b * t for b, t in runs.shapes), "real_tokens": runs.real_tokens,
             "padded": flops.baseline_flops(config, runs.shapes)}
 
@@ -224,7 +230,8 @@ def quality(dense, tokenizer, batches, cfg, cut, *, ppl_windows: int, window: in
     from replaceme_jax.replaceme.surgery import apply_cuts
     from replaceme_jax.replaceme.token_buffer import TokenBuffer
     d = dense.config.hidden_size
-    buffer = TokenBuffer(TokenBuffer.budget_from_bytes(int(cfg.cosine.token_budget_mb * 2**20), d), d, seed=cfg.seed)
+    capacity = TokenBuffer.budget_from_bytes(int(cfg.cosine.token_budget_mb * 2**20), d)
+    buffer = TokenBuffer(capacity, d, seed=cfg.seed)
     gather_tokens(dense, batches, cut, buffer, include_pad=cfg.calibration.include_pad)
     cosine_loss = lambda T: solvers.evaluate_loss(buffer, T, loss="cosine")  # noqa: E731
     ids = tokenize_corpus(tokenizer, heldout_wikipedia_texts())
@@ -244,6 +251,7 @@ def quality(dense, tokenizer, batches, cfg, cut, *, ppl_windows: int, window: in
         t0 = time.perf_counter()
         result = prune(dense, batches, c)
         seconds = time.perf_counter() - t0
+        log.info("quality: %s solved in %.1fs", name, seconds)
         rows.append({"variant": name, "ppl": ppl(result.model), "seconds": seconds,
                      "relative_residual": result.residuals[0], "cosine_loss": cosine_loss(result.transforms[0]),
                      "settings": dict(overrides)})
@@ -256,20 +264,14 @@ def paper_cosine_steps(num_tokens: int, batch_size: int = 1024, epochs: int = 10
     return epochs * math.ceil(num_tokens / batch_size)
 
 
-def speedups(ours: dict, torch_summary: dict) -> dict:
-    o, t = ours["warm"], torch_summary["warm"]
-    out = {"end_to_end_warm": t["end_to_end"]["median"] / o["end_to_end"]["median"]}
-    if "cold" in ours:
-        out["end_to_end_cold"] = t["end_to_end"]["median"] / ours["cold"]["end_to_end"]
-    return out
-
-
 def rates(flop_count: float, seconds: float, peak: float) -> dict:
+    """Achieved FLOP/s and its fraction of ``peak``."""
     achieved = flop_count / seconds if seconds > 0 else float("nan")
     return {"flops": flop_count, "seconds": seconds, "flops_per_s": achieved, "fraction_of_peak": achieved / peak}
 
 
 def as_jsonable(obj):
+    """Numpy scalars to Python numbers, tuples to lists, keys to strings (for json.dump)."""
     if isinstance(obj, dict):
         return {str(k): as_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

@@ -111,12 +111,14 @@ def markdown(report: dict) -> str:
            f"dtype {s['dtype']}, sums {s['accum_dtype']}, pads {'counted' if s['include_pad'] else 'excluded'}; "
            f"baseline: angular selection, pads {'counted' if s['baseline_include_pad'] else 'excluded'} "
            f"(official); {s['repeats']} warm runs per side.", "",
-           f"Command: `{report['command']}`", "", "## Time per stage", ""]
-    out += _stage_table(report)
-    out += ["", "## FLOPs and matmul efficiency", "",
-            "Matmul FLOPs only, on the shapes that run (pads included; real tokens in parentheses). "
-            "Attention counts the full T×T scores on both sides.", ""]
-    out += _flops_table(report)
+           f"Command: `{report['command']}`"]
+    if report.get("ours"):
+        out += ["", "## Time per stage", ""]
+        out += _stage_table(report)
+        out += ["", "## FLOPs and matmul efficiency", "",
+                "Matmul FLOPs only, on the shapes that run (pads included; real tokens in parentheses). "
+                "Attention counts the full T×T scores on both sides.", ""]
+        out += _flops_table(report)
     if report.get("speedup"):
         out += ["", "## Ratios", ""]
         for k, v in report["speedup"].items():

@@ -16,6 +16,7 @@ from replaceme_jax.errors import ReplaceMeError
 def get_config(mode: str = "table"):
     c = sweep_config()
     c.output_dir = "runs/ablation_smollm2"
+    # ReplaceMe selects by the residual rule (the package default), UIDL drop by angular distance.
     # Sized for a small CPU (the README table): 64 calibration passages of 256 tokens, perplexity on
     # 4 held-out windows of 1024 tokens, Avg-acc over PIQA and OpenBookQA (first 50 items each),
     # SLEB scoring 4 sequences for the 6 lowest-influence candidates per step.
@@ -31,6 +32,7 @@ def get_config(mode: str = "table"):
         c.sweep.methods = "replaceme"
         c.sweep.solvers = "lstsq"
         c.sweep.selections = "angular,residual,search"
+        c.sweep.drop_selections = ""
         c.sweep.num_blocks = "4,5,6,7,8,9,10,11,12"
         c.output_dir = "runs/selection_smollm2"
     elif mode == "small":

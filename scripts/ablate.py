@@ -32,7 +32,7 @@ def main(argv) -> int:
     datasets.disable_progress_bars()
     cfg = CONFIG.value
     run_sweep(cfg)
-    rows = load_rows(cfg.output_dir)
+    rows = load_rows(cfg.output_dir, cfg)
     print(results_markdown(rows, cfg))
     study = selection_markdown(rows)
     if study:

@@ -39,6 +39,8 @@ _BASELINE = flags.DEFINE_boolean("baseline", True, "Time the PyTorch baseline.")
 _BASELINE_PAD = flags.DEFINE_boolean("baseline_include_pad", True,
                                      "The baseline counts pad positions in its sums (as the official code).")
 _THREADS = flags.DEFINE_integer("threads", None, "Torch threads (default: all cores).")
+_SPEED = flags.DEFINE_boolean("speed", True, "Time ours and the baseline (--nospeed --memory: the memory "
+                              "table alone).")
 _QUALITY = flags.DEFINE_boolean("quality", True, "Held-out perplexity of lstsq / cosine / paper cosine.")
 _PPL_WINDOWS = flags.DEFINE_integer("ppl_windows", 8, "Held-out perplexity windows for --quality.")
 _PEAK_N = flags.DEFINE_integer("peak_n", 2048, "Size of the peak matmul.")
@@ -61,9 +63,9 @@ def main(argv) -> int:
         multipliers = tuple(int(m) for m in _MEM_MULT.value)
     except ValueError as e:
         raise ReplaceMeError(f"--memory_multipliers must be integers, got {_MEM_MULT.value}") from e
-    options = dict(repeats=_REPEATS.value, solvers=tuple(_SOLVERS.value), baseline=_BASELINE.value,
-                   baseline_include_pad=_BASELINE_PAD.value, threads=_THREADS.value, quality=_QUALITY.value,
-                   ppl_windows=_PPL_WINDOWS.value, peak_n=_PEAK_N.value, memory=_MEMORY.value,
+    options = dict(speed=_SPEED.value, repeats=_REPEATS.value, solvers=tuple(_SOLVERS.value),
+                   baseline=_BASELINE.value, baseline_include_pad=_BASELINE_PAD.value, threads=_THREADS.value,
+                   quality=_QUALITY.value, ppl_windows=_PPL_WINDOWS.value, peak_n=_PEAK_N.value, memory=_MEMORY.value,
                    memory_base_samples=_MEM_BASE.value, memory_multipliers=multipliers,
                    workdir=_WORKDIR.value, command=" ".join(["python", "scripts/benchmark.py", *sys.argv[1:]]))
     cfg = CONFIG.value.copy_and_resolve_references()

@@ -29,6 +29,7 @@ def small_cfg(out, **sweep):
     cfg.pipeline.calibration.max_length = 32
     cfg.sweep.methods = "replaceme,drop,shortgpt,sleb"
     cfg.sweep.solvers = "lstsq,orth_diag"
+    cfg.sweep.selections, cfg.sweep.drop_selections = "angular", ""  # drop follows ReplaceMe's rules
     cfg.sweep.num_blocks = "1,2"
     cfg.sweep.calibration_sizes = "8"
     cfg.sleb.num_sequences = 4
@@ -102,12 +103,21 @@ def test_sweep_runs_caches_and_resumes(tiny_with_tokenizer, tmp_path, monkeypatc
     assert [r["id"] for r in again] == [r["id"] for r in rows]
     monkeypatch.undo()
 
-    # A grown sweep runs only the new rows, reusing the cached statistics.
-    grown = small_cfg(tmp_path / "sweep", solvers="lstsq,orth_diag,diag")
+    # A grown sweep runs only the new rows, reusing the cached statistics; the search rule's
+    # rows add the selection study table.
+    grown = small_cfg(tmp_path / "sweep", solvers="lstsq,orth_diag,diag", selections="angular,search")
     stat_files = {p: p.stat().st_mtime_ns for p in (out / "cache").glob("stats-*.npz")}
-    ablation.run_sweep(grown, model, tokenizer, log=lambda _: None)
+    rows = ablation.run_sweep(grown, model, tokenizer, log=lambda _: None)
     assert {p: p.stat().st_mtime_ns for p in (out / "cache").glob("stats-*.npz")} == stat_files
     assert (out / "rows" / "replaceme_diag_angular_n2_T1_a0_r2_cal8.json").exists()
+    search = {r["id"]: r for r in rows if r.get("selection") == "search"}
+    assert len(search) == 2 * 3 + 2  # replaceme x 3 solvers and drop, for n = 1, 2
+    best = search["replaceme_lstsq_search_n2_T1_a0_r2_cal8"]
+    scores = best["selection_scores"]
+    assert best["cuts"] == [[int(x) for x in min(scores, key=scores.get).split("-")]]
+    # One search per (n, solver it searches with): lstsq, orth_diag, diag, none (drop).
+    assert len(list((out / "cache").glob("search-*.json"))) == 2 * 4
+    assert "| angular |" in (out / "selection.md").read_text()
 
     # Other fixed settings: refused, unless overwrite drops the old rows.
     changed = small_cfg(tmp_path / "sweep")
@@ -127,7 +137,8 @@ def test_selection_table_measures_distance_from_search():
                 "alpha": 0.0, "calibration_size": 64, "removed": 4, "num_blocks": 26, "cuts": [cut],
                 "removed_blocks": list(range(*cut)), "heldout_ppl": {"ppl": ppl}, "avg_acc": acc}
     rows = [{"method": "dense", "removed": 0, "num_blocks": 30, "heldout_ppl": {"ppl": 10.0}, "avg_acc": 0.5},
-            row("angular", (20, 24), 30.0, 0.40), row("residual", (18, 22), 25.0, 0.44), row("search", (17, 21), 24.0, 0.45)]
+            row("angular", (20, 24), 30.0, 0.40), row("residual", (18, 22), 25.0, 0.44),
+            row("search", (17, 21), 24.0, 0.45)]
     text = ablation.selection_markdown(rows)
     lines = [line for line in text.splitlines() if line.startswith("| ReplaceMe")]
     assert len(lines) == 2

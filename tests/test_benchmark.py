@@ -35,34 +35,39 @@ def _random_sequences(vocab, count, seed=0, lo=5, hi=60):
 
 @pytest.fixture(scope="module")
 def tiny_pair(tmp_path_factory):
-    """A random 6-block Llama as our model and as transformers' (loaded from our HF export)."""
+    """A random 6-block Llama: our model and its Hugging Face export (transformers loads it)."""
     model = CausalLM(ModelConfig(vocab_size=256, num_hidden_layers=6, **TINY), rngs=nnx.Rngs(0))
-    path = save_hf(model, tmp_path_factory.mktemp("tiny") / "hf")
-    return model, tr.load_model(path, threads=1), path
+    return model, save_hf(model, tmp_path_factory.mktemp("tiny") / "hf")
 
 
 def test_baseline_matches_ours_on_same_data(tiny_pair):
     """Baseline (official mechanics) and our pass give the same T and distances on the same tokens,
     padded differently (longest-in-batch vs buckets), pads excluded on both sides."""
-    model, torch_model, _ = tiny_pair
+    model, path = tiny_pair
+    torch_model = tr.load_model(path, threads=1)
     seqs = _random_sequences(256, 24)
     n, cut = 2, (2, 4)
     ours = gather_statistics(model, make_batches(seqs, batch_size=4, max_length=64),
                              StatsRequest(max_distance_blocks=n, cuts=(cut,)))
-    theirs = tr.run(torch_model, tr.official_batches(seqs, 4, pad_id=0), n, cut=cut, include_pad=False)
-    assert theirs.num_tokens == ours.num_tokens == sum(len(s) for s in seqs)
+    batches = tr.official_batches(seqs, 4, pad_id=0)
+    mtm, mtr, rows = tr.normal_equations(torch_model, batches, cut, include_pad=False)
+    assert rows == ours.num_tokens == sum(len(s) for s in seqs)
+    T_theirs = tr.solve(mtm, mtr)
     T_ours = np.asarray(solvers.lstsq(ours.normal_equations(cut)).T)
-    assert np.linalg.norm(T_ours - theirs.T) / np.linalg.norm(theirs.T) < 1e-5
+    assert np.linalg.norm(T_ours - T_theirs) / np.linalg.norm(T_theirs) < 1e-5
     # Equal batch sizes: the baseline's mean of batch means is our mean over sequences. Its last
     # entry compares against transformers' final-normed hidden state, ours against the raw one.
-    np.testing.assert_allclose(theirs.distances[:-1], ours.distances[n - 1, :6 - n], atol=1e-6)
-    assert tr.select_cut(theirs.distances[:-1], n) == (1 + int(np.argmin(ours.distances[n - 1, 1:6 - n])),) * 1 + (
-        1 + int(np.argmin(ours.distances[n - 1, 1:6 - n])) + n,)
+    distances = tr.angular_distances(torch_model, batches, n)
+    np.testing.assert_allclose(distances[:-1], ours.distances[n - 1, :6 - n], atol=1e-6)
+    s = 1 + int(np.argmin(ours.distances[n - 1, 1:6 - n]))
+    assert tr.select_cut(distances[:-1], n) == (s, s + n)
+    # Pads counted (the official default) changes the sums: the flag is not a no-op.
+    assert tr.normal_equations(torch_model, batches, cut, include_pad=True)[2] > rows
 
 
-def test_baseline_surgery_matches_ours(tiny_pair, tmp_path):
+def test_baseline_surgery_matches_ours(tiny_pair):
     """The baseline's pruned transformers model computes what our apply_cuts model computes."""
-    model, _, path = tiny_pair
+    model, path = tiny_pair
     fresh = tr.load_model(path, threads=1)
     cut = (2, 5)
     T = np.random.default_rng(1).normal(size=(32, 32)) / 6 + np.eye(32)
@@ -92,7 +97,8 @@ def test_flop_counts_follow_parameter_shapes():
                                        for b, t in shapes)
     assert counted["sums"] == 64 * 2 * 2 * 48 * 48
     ours = flops.statistics_flops(config, shapes, depth=1, num_products=3)
-    assert ours["total"] == sum(b * t * flops.block_flops_per_token(config, t) for b, t in shapes) + 64 * 3 * 2 * 48 ** 2
+    blocks = sum(b * t * flops.block_flops_per_token(config, t) for b, t in shapes)
+    assert ours["total"] == blocks + 64 * 3 * 2 * 48 ** 2
 
 
 @pytest.fixture(scope="module")
@@ -147,16 +153,18 @@ def test_memory_child_reports_peak_and_buffer(tiny_checkpoint):
 
 
 @pytest.mark.slow
-def test_benchmark_script_quick_with_memory(tiny_checkpoint, tmp_path):
-    """The command line end to end, memory rows in fresh processes included."""
+def test_benchmark_script_memory_table(tiny_checkpoint, tmp_path):
+    """The command line, memory part alone: one fresh process per row, flat for lstsq."""
     out = tmp_path / "bench"
     proc = subprocess.run(
         [sys.executable, "scripts/benchmark.py", "--quick", f"--config.model={tiny_checkpoint}",
-         "--config.num_blocks=2", "--memory", "--memory_multipliers=1,4", "--solvers=lstsq",
+         "--config.num_blocks=2", "--nospeed", "--memory", "--memory_multipliers=1,4", "--solvers=lstsq",
          f"--output_dir={out}"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "results.json").read_text())
     assert [r["multiplier"] for r in report["memory"]["rows"]] == [1, 4]
+    assert report["memory"]["rows"][1]["real_tokens"] > report["memory"]["rows"][0]["real_tokens"]
+    assert "ours" not in report and "lstsq: peak memory growth 1x -> 4x < 10 %" in report["targets"]
     assert (out / "results.md").read_text().startswith("# ReplaceMe benchmark")
 
 

@@ -184,17 +184,22 @@ CROSS_CHECK_LIMIT = 100
 def test_cross_check_with_hf_backend_on_smollm2(smollm2, tmp_path):
     """Per-item log-likelihoods within 1e-3 and identical accuracies, 100 items per task.
 
-    Writes the per-task numbers to $REPLACEME_CROSSCHECK_JSON when set (for the README).
+    Both models run in float32. The HF backend's log-softmax runs in float64 (its softmax_dtype
+    option): torch's float32 log-softmax over the 49,152-token vocabulary on CPU is biased by about
+    +2e-5 nats per token, which reaches 2e-3 on PIQA's ~100-token answers, while ours (XLA) stays
+    within 2e-4 of a float64 reference there. $REPLACEME_CROSSCHECK_TASKS (comma list) runs a
+    subset; $REPLACEME_CROSSCHECK_JSON receives the per-task numbers after each task.
     """
     model, tokenizer = smollm2
     path = save_hf(model, tmp_path / "smollm2-hf", tokenizer=tokenizer)
-    manager = task_manager()
-    kw = dict(task_manager=manager, limit=CROSS_CHECK_LIMIT, bootstrap_iters=0, log_samples=True,
+    kw = dict(task_manager=task_manager(), limit=CROSS_CHECK_LIMIT, bootstrap_iters=0, log_samples=True,
               verbosity="ERROR")
     ours = ReplaceMeJaxLM(model=model, tokenizer=tokenizer, max_length=2048)
-    hf = HFLM(pretrained=str(path), dtype="float32", max_length=2048, batch_size=16, device="cpu")
-    report = {}
-    for task in CROSS_CHECK_TASKS:
+    hf = HFLM(pretrained=str(path), dtype="float32", softmax_dtype="float64", max_length=2048,
+              batch_size=16, device="cpu")
+    tasks = os.environ.get("REPLACEME_CROSSCHECK_TASKS", ",".join(CROSS_CHECK_TASKS)).split(",")
+    out, report = os.environ.get("REPLACEME_CROSSCHECK_JSON"), {}
+    for task in tasks:
         t0 = time.perf_counter()
         got = lm_eval.simple_evaluate(model=ours, tasks=[task], **kw)
         t1 = time.perf_counter()
@@ -205,18 +210,18 @@ def test_cross_check_with_hf_backend_on_smollm2(smollm2, tmp_path):
         diffs = [abs(x[0][0] - y[0][0]) for d in a for x, y in zip(a[d]["resps"], b[d]["resps"])]
         metrics = {k: (got["results"][task][k], ref["results"][task][k])
                    for k in got["results"][task] if k.split(",")[0] in ("acc", "acc_norm", "perplexity")}
-        report[task] = {"max_abs_ll_diff": max(diffs), "requests": len(diffs), "metrics": metrics,
+        report[task] = {"max_abs_ll_diff": max(diffs), "mean_abs_ll_diff": sum(diffs) / len(diffs),
+                        "requests": len(diffs), "metrics": metrics,
                         "seconds_ours": round(t1 - t0, 1), "seconds_hf": round(t2 - t1, 1)}
+        if out:
+            with open(out, "w") as f:
+                json.dump(report, f, indent=2)
         assert max(diffs) < 1e-3, (task, max(diffs))
         for key, (x, y) in metrics.items():
             if key.startswith("perplexity"):
                 assert math.isclose(x, y, rel_tol=1e-3), (task, key, x, y)
             else:
                 assert x == y, (task, key, x, y)
-    out = os.environ.get("REPLACEME_CROSSCHECK_JSON")
-    if out:
-        with open(out, "w") as f:
-            json.dump(report, f, indent=2)
 
 
 @pytest.mark.slow

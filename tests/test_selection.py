@@ -39,3 +39,27 @@ def test_parse_cuts():
 def test_unknown_rule():
     with pytest.raises(ReplaceMeError, match="unknown selection rule"):
         get_rule("nope")
+
+
+def test_residual_rule_warns_once_when_tokens_are_too_few(caplog):
+    """Fewer calibration tokens than the hidden size: MᵀM is singular for every candidate, so the
+    residual cannot rank cuts; one warning says so and names the fixes (not one per candidate)."""
+    import numpy as np
+    from flax import nnx
+
+    from replaceme_jax.data import make_batches
+    from replaceme_jax.models.config import ModelConfig
+    from replaceme_jax.models.modeling import CausalLM
+    from replaceme_jax.replaceme.statistics import StatsRequest, candidate_cuts, gather_statistics
+
+    model = CausalLM(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=5,
+                                 num_attention_heads=4, num_key_value_heads=2), rngs=nnx.Rngs(0))
+    seqs = [list(np.random.default_rng(i).integers(0, 64, size=6)) for i in range(3)]  # 18 tokens < 32
+    stats = gather_statistics(model, make_batches(seqs, batch_size=4, max_length=8),
+                              StatsRequest(cuts=tuple(candidate_cuts(5, 2))))
+    with caplog.at_level("WARNING"):
+        scores = get_rule("residual")(stats, 2)
+    assert len(scores) == len(candidate_cuts(5, 2))
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and "singular for 3 of 3 candidate cuts (18 calibration tokens" in messages[0]
+    assert "selection='angular'" in messages[0]

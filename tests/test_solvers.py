@@ -174,7 +174,8 @@ def test_bad_statistics_raise_clear_errors(rng):
 
 def test_registry_and_unknown_solver():
     assert get_solver("lstsq") is lstsq and get_solver("diag") is diag and get_solver("cosine") is cosine
-    assert set(SOLVERS) == {"lstsq", "diag", "cosine"}
+    # Other modules may register more (replaceme_jax.baselines adds orth_diag); the core three are always there.
+    assert {"lstsq", "diag", "cosine"} <= set(SOLVERS)
     with pytest.raises(ReplaceMeError, match="known solvers: lstsq, diag, cosine"):
         get_solver("qr")
 

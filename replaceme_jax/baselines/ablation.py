@@ -52,7 +52,8 @@ def sweep_config():
     c.sweep = ml_collections.ConfigDict()
     c.sweep.methods = "replaceme,drop,shortgpt,sleb"  # replaceme | drop | shortgpt | sleb
     c.sweep.solvers = "lstsq,diag,orth_diag,cosine"   # ReplaceMe's transform estimators
-    c.sweep.selections = "angular"                    # angular | residual | search
+    c.sweep.selections = "residual"                   # ReplaceMe's rules: angular | residual | search
+    c.sweep.drop_selections = "angular"               # drop's rules ("": same as selections); UIDL's is angular
     c.sweep.num_blocks = "4,6,8,10"                   # blocks per cut
     c.sweep.num_transforms = "1"
     c.sweep.alphas = "0"
@@ -125,7 +126,8 @@ def sweep_rows(cfg) -> list[Row]:
     if bad:
         raise ReplaceMeError(f"unknown solvers {bad}; choose from {mth.SOLVER_NAMES}")
     selections = _split(sw.selections, str)
-    bad = [s for s in selections if s not in SELECTIONS]
+    drop_selections = _split(sw.drop_selections, str) if sw.get("drop_selections") else selections
+    bad = [s for s in selections + drop_selections if s not in SELECTIONS]
     if bad:
         raise ReplaceMeError(f"unknown selection rules {bad}; choose from {SELECTIONS}")
     sizes, ns = _split(sw.calibration_sizes, int), _split(sw.num_blocks, int)
@@ -139,7 +141,7 @@ def sweep_rows(cfg) -> list[Row]:
                         rows += [Row("replaceme", n * t, cal, s, r, n, t, a)
                                  for s in solver_names for r in selections for a in alphas]
                     elif method == "drop":
-                        rows += [Row("drop", n * t, cal, None, r, n, t) for r in selections]
+                        rows += [Row("drop", n * t, cal, None, r, n, t) for r in drop_selections]
                     else:
                         rows.append(Row(method, n * t, cal))
     return list(dict.fromkeys(rows))
@@ -264,7 +266,7 @@ class Sweep:
 
     def _save_row(self, name: str, record: dict):
         atomic_write_json(self.rows_dir / f"{name}.json", record)
-        write_outputs(self.out, load_rows(self.out), self.cfg)
+        write_outputs(self.out, load_rows(self.out, self.cfg), self.cfg)
 
     def _evaluate(self, model) -> dict:
         if self._evaluator is None:
@@ -286,7 +288,7 @@ class Sweep:
             self.log(f"[dense] {_summary(evaluation)}")
         for size in dict.fromkeys(r.calibration_size for r in pending):
             self._run_size(size, [r for r in pending if r.calibration_size == size])
-        rows = load_rows(self.out)
+        rows = load_rows(self.out, self.cfg)
         write_outputs(self.out, rows, self.cfg)
         return rows
 
@@ -304,7 +306,7 @@ class Sweep:
         validation = None
         if any(r.selection == "search" for r in rows):
             validation = self._validation()
-        for i, row in enumerate(rows):
+        for row in rows:
             t0 = time.perf_counter()
             scores = None
             if row.selection == "search":
@@ -353,9 +355,14 @@ def run_sweep(cfg, model=None, tokenizer=None, log=print) -> list[dict]:
 
 
 # -- tables and plots -------------------------------------------------------------------------
-def load_rows(output_dir) -> list[dict]:
+def load_rows(output_dir, cfg=None) -> list[dict]:
+    """Finished rows (dense first); with ``cfg``, only the dense row and the rows of its sweep (rows of
+    earlier, wider sweeps stay on disk and come back when the lists include them again)."""
     rows_dir = Path(output_dir) / "rows"
     rows = [json.loads(p.read_text()) for p in sorted(rows_dir.glob("*.json"))] if rows_dir.exists() else []
+    if cfg is not None:
+        wanted = {r.id for r in sweep_rows(cfg)} | {"dense"}
+        rows = [r for r in rows if r["id"] in wanted]
     order = {m: i for i, m in enumerate(("dense", *mth.METHODS))}
     return sorted(rows, key=lambda r: (r["removed"], order[r["method"]], label(r, rows)))
 
@@ -438,7 +445,8 @@ def results_markdown(rows: list[dict], cfg=None) -> str:
     for rec in records:
         lines.append("| " + " | ".join([
             str(rec["removed"]), rec["label"], rec["removed_blocks"] or "–", _fmt(rec["heldout_ppl"], ".2f"),
-            _fmt(rec["ppl_x_dense"], ".2f"), _fmt(rec["avg_acc"], ".3f"), _fmt(rec["avg_acc_pct_dense"], ".1f")]) + " |")
+            _fmt(rec["ppl_x_dense"], ".2f"), _fmt(rec["avg_acc"], ".3f"),
+            _fmt(rec["avg_acc_pct_dense"], ".1f")]) + " |")
     note = f"\n\n{settings_note(cfg)}\n" if cfg is not None else "\n"
     return "\n".join(lines) + note
 

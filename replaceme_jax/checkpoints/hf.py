@@ -19,7 +19,7 @@ from safetensors.numpy import save_file
 
 from replaceme_jax.checkpoints.keymap import build_model, hf_state_dict, param_items
 from replaceme_jax.errors import ReplaceMeError
-from replaceme_jax.io_utils import atomic_output_dir, atomic_write_json
+from replaceme_jax.io_utils import atomic_output_dir, atomic_write_json, is_primary
 from replaceme_jax.models.config import ModelConfig
 from replaceme_jax.models.modeling import CausalLM
 
@@ -200,7 +200,8 @@ def save_hf(model: CausalLM, path, *, tokenizer=None, overwrite: bool = False,
         weight_map, total = {}, 0
         for filename, count in zip(names, counts):
             shard = dict(next(tensors) for _ in range(count))
-            save_file(shard, str(tmp / filename), metadata={"format": "pt"})
+            if is_primary():  # every process gathers (collectives), process 0 writes
+                save_file(shard, str(tmp / filename), metadata={"format": "pt"})
             for name, arr in shard.items():
                 weight_map[name] = filename
                 total += arr.nbytes
@@ -212,7 +213,7 @@ def save_hf(model: CausalLM, path, *, tokenizer=None, overwrite: bool = False,
         generation = _generation_config(model.config)
         if generation is not None:
             atomic_write_json(tmp / GENERATION_CONFIG_NAME, generation)
-        if tokenizer is not None:
+        if tokenizer is not None and is_primary():
             tokenizer.save_pretrained(str(tmp))
     return Path(path).expanduser().absolute()
 

@@ -17,6 +17,7 @@ from flax import nnx
 from replaceme_jax.errors import ReplaceMeError
 from replaceme_jax.models.config import ModelConfig
 from replaceme_jax.models.modeling import CausalLM
+from replaceme_jax.models.sharding import put, to_host
 
 # (regex on the HF name, NNX path template, transpose?)
 _RULES = [
@@ -70,10 +71,14 @@ def abstract_model(config: ModelConfig) -> CausalLM:
 
 
 def hf_state_dict(model: CausalLM, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
-    """Stream (HF name, numpy array) pairs from a model, one tensor at a time."""
+    """Stream (HF name, numpy array) pairs from a model, one tensor at a time.
+
+    Sharded parameters are gathered to every host (``to_host``), so on a pod each process sees the
+    full tensor and the caller decides which process writes it.
+    """
     for path, var in param_items(model):
         name, transpose = nnx_to_hf(path)
-        arr = np.asarray(jax.device_get(var[...]))
+        arr = to_host(var[...])
         if transpose:
             arr = arr.T
         if dtype is not None:
@@ -93,7 +98,8 @@ def build_model(
     reported in one error. Tensors are then materialised one at a time (``loader()``), converted
     to the parameter dtype and put on devices with ``place(path, ShapeDtypeStruct) -> Sharding``
     (default: the default device), so peak host memory is one tensor above the model. With a
-    sharding, ``jax.device_put`` sends each device only its own slice.
+    sharding, each process builds only the shards its own devices hold (``sharding.put``), so a
+    multi-host load does not broadcast whole tensors between hosts.
     """
     model = abstract_model(config)
     expected = {path: var for path, var in param_items(model)}
@@ -138,5 +144,5 @@ def build_model(
             arr = arr.T
         arr = arr.astype(var.dtype)
         sharding = place(path, jax.ShapeDtypeStruct(arr.shape, arr.dtype)) if place else None
-        var.set_value(jax.device_put(arr, sharding) if sharding is not None else jnp.asarray(arr))
+        var.set_value(put(arr, sharding) if sharding is not None else jnp.asarray(arr))
     return model

@@ -26,7 +26,7 @@ from flax import nnx
 from replaceme_jax.checkpoints.hf import load_tokenizer, read_hf_config
 from replaceme_jax.checkpoints.keymap import abstract_model
 from replaceme_jax.errors import ReplaceMeError
-from replaceme_jax.io_utils import atomic_output_dir, atomic_write_json
+from replaceme_jax.io_utils import atomic_output_dir, atomic_write_json, is_primary
 from replaceme_jax.models.modeling import CausalLM
 
 MARKER_NAME = "replaceme_orbax.json"  # registry.checkpoint_kind recognises a checkpoint by it
@@ -53,7 +53,7 @@ def save_orbax(model: CausalLM, path, *, tokenizer=None, overwrite: bool = False
             checkpointer.save(tmp / PARAMS_DIR, params)
             checkpointer.wait_until_finished()
         atomic_write_json(tmp / CONFIG_NAME, config.to_hf_config())
-        if tokenizer is not None:
+        if tokenizer is not None and is_primary():
             tokenizer.save_pretrained(str(tmp))
         # The marker goes last: a directory with it is a complete checkpoint.
         atomic_write_json(tmp / MARKER_NAME, {

@@ -8,12 +8,15 @@ Both come from the same single statistics pass. A rule is a function (stats, n, 
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import numpy as np
 
 from replaceme_jax.errors import ReplaceMeError
 from replaceme_jax.replaceme.statistics import Cut, Statistics, candidate_cuts, validate_cuts
+
+logger = logging.getLogger(__name__)
 
 
 def angular_scores(stats: Statistics, n: int, alpha: float = 0.0) -> dict[Cut, float]:
@@ -30,10 +33,27 @@ def residual_scores(stats: Statistics, n: int, alpha: float = 0.0) -> dict[Cut, 
     if missing:
         raise ReplaceMeError(f"residual selection needs normal equations for every candidate cut of {n} "
                              f"blocks; {len(missing)} missing (e.g. {missing[0]}). Gather them in the pass.")
-    scores = {}
-    for cut in cuts:
-        ne = stats.normal_equations(cut)
-        scores[cut] = float(relative_residual(ne, lstsq(ne, alpha=alpha).T))
+    scores, rank_deficient = {}, []
+    solver_log = logging.getLogger("replaceme_jax.replaceme.solvers")
+    level = solver_log.level
+    solver_log.setLevel(logging.ERROR)  # one summary below instead of a warning per candidate
+    try:
+        for cut in cuts:
+            ne = stats.normal_equations(cut)
+            result = lstsq(ne, alpha=alpha)
+            scores[cut] = float(relative_residual(ne, result.T))
+            if result.info["method"] != "cholesky":
+                rank_deficient.append(cut)
+    finally:
+        solver_log.setLevel(level)
+    if rank_deficient:
+        d = stats.normal_equations(cuts[0]).d
+        logger.warning(
+            "residual selection: MᵀM is singular for %d of %d candidate cuts (%d calibration tokens, "
+            "hidden size %d); with too few tokens every cut's transform fits the calibration set "
+            "nearly perfectly and the residual no longer ranks cuts. Use many more calibration tokens "
+            "than the hidden size, a ridge alpha, or selection='angular'.",
+            len(rank_deficient), len(cuts), stats.num_tokens, d)
     return scores
 
 
