@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
-from contextlib import contextmanager
 
 import numpy as np
 import torch
+
+from replaceme_jax.replaceme.pipeline import Timer  # stage timing shared with our side
 
 Cut = tuple[int, int]
 
@@ -55,17 +55,6 @@ class BaselineResult:
     num_tokens: int               # rows in the sums (pads included when include_pad)
     times: dict[str, float]
     model: torch.nn.Module        # the pruned model
-
-
-class Timer:
-    def __init__(self):
-        self.times: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str):
-        t0 = time.perf_counter()
-        yield
-        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
 
 def set_threads(threads: int | None = None) -> int:

@@ -6,30 +6,10 @@ conversations rendered with the chat template).
     python scripts/prune.py --config=configs/llama2_7b.py --dry_run --dry_run_backend=gpu
     python scripts/prune.py --config=configs/llama2_7b.py
 
-Offline, ``--config.calibration.source=hellaswag`` uses the bundled HellaSwag contexts instead.
-The mesh puts every device on the model axis with fsdp rules (weights split, batches split);
-``--config.mesh.data=8 --config.mesh.model=1`` is plain data parallelism when a device holds the
-whole model, ``--config.mesh.rules=tensor`` tensor parallelism. See the README's scaling section.
+Settings and mesh: ``replaceme_jax.replaceme.config.paper_config``.
 """
-from replaceme_jax.replaceme.config import default_config
+from replaceme_jax.replaceme.config import paper_config
 
 
 def get_config():
-    c = default_config()
-    c.model = "checkpoints/Llama-2-7b-hf"
-    # The published architecture, for --dry_run when the checkpoint is not on this machine.
-    c.architecture = "meta-llama/Llama-2-7b-hf"
-    c.param_dtype = "bfloat16"
-    c.dtype = "bfloat16"
-    c.num_blocks = 8
-    c.num_transforms = 1
-    c.calibration.source = "hf:Open-Orca/SlimOrca"
-    c.calibration.messages_column = "conversations"
-    c.calibration.num_samples = 8000
-    c.calibration.max_length = 1024
-    c.calibration.batch_size = 8
-    c.mesh.data = 1
-    c.mesh.model = -1
-    c.mesh.rules = "fsdp"
-    c.output_dir = "runs/llama-2-7b-hf"
-    return c
+    return paper_config("meta-llama/Llama-2-7b-hf")

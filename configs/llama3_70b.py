@@ -8,35 +8,16 @@ conversations rendered with the chat template).
     # multi-host (TPU VM slice or several GPU hosts): the same command on every host
     python scripts/prune.py --config=configs/llama3_70b.py --config.distributed=True
 
-Offline, ``--config.calibration.source=hellaswag`` uses the bundled HellaSwag contexts instead.
-The mesh puts every device on the model axis with fsdp rules (weights split, batches split);
-``--config.mesh.data=8 --config.mesh.model=1`` is plain data parallelism when a device holds the
-whole model, ``--config.mesh.rules=tensor`` tensor parallelism. See the README's scaling section.
+Settings and mesh: ``replaceme_jax.replaceme.config.paper_config``.
 """
-from replaceme_jax.replaceme.config import default_config
+from replaceme_jax.replaceme.config import paper_config
 
 
 def get_config():
-    c = default_config()
-    c.model = "checkpoints/Meta-Llama-3-70B"
-    # The published architecture, for --dry_run when the checkpoint is not on this machine.
-    c.architecture = "meta-llama/Meta-Llama-3-70B"
-    c.param_dtype = "bfloat16"
-    c.dtype = "bfloat16"
-    c.num_blocks = 20
-    c.num_transforms = 1
+    c = paper_config("meta-llama/Meta-Llama-3-70B", num_blocks=20)
     # Normal equations for all 60 candidate cuts are 120 d x d float64 sums (60 GiB, twice that with
     # the Kahan terms, and a whole copy of a batch's partial sums on every device): select by angular
     # distance (the paper's rule) and gather only the chosen cut's (see --dry_run).
     c.selection = "angular"
     c.candidates = "selected"
-    c.calibration.source = "hf:Open-Orca/SlimOrca"
-    c.calibration.messages_column = "conversations"
-    c.calibration.num_samples = 8000
-    c.calibration.max_length = 1024
-    c.calibration.batch_size = 8
-    c.mesh.data = 1
-    c.mesh.model = -1
-    c.mesh.rules = "fsdp"
-    c.output_dir = "runs/meta-llama-3-70b"
     return c

@@ -324,11 +324,11 @@ def test_tokenize_texts(tiny_tokenizer):
 
 
 def test_default_buckets():
-    assert default_buckets(1024) == (64, 128, 256, 512, 1024)
-    assert default_buckets(300) == (64, 128, 256, 300)
+    assert default_buckets(1024) == (64, 96, 128, 192, 256, 384, 512, 768, 1024)
+    assert default_buckets(300) == (64, 96, 128, 192, 256, 300)
     assert default_buckets(48) == (48,)
-    assert default_buckets(1024, longest=10) == (16, 32, 64, 128, 256, 512, 1024)
-    assert default_buckets(1024, longest=64) == (64, 128, 256, 512, 1024)
+    assert default_buckets(1024, longest=10)[:4] == (16, 24, 32, 48)
+    assert default_buckets(1024, longest=64) == default_buckets(1024)
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
@@ -353,26 +353,24 @@ def test_make_batches_shapes_masks_content(padding_side):
         for ids, mask, n in zip(b.input_ids, b.attention_mask, rows):
             if n == 0:
                 continue
-            # Contiguous tokens on the expected side; the smallest bucket that fits.
+            # Contiguous tokens on the expected side.
             expected = np.r_[np.ones(n), np.zeros(b.shape[1] - n)]
             assert np.array_equal(mask, expected if padding_side == "right" else expected[::-1])
-            assert b.shape[1] == min(x for x in buckets if x >= n)
             got.append(tuple(ids[mask == 1]))
+        # Each batch: the smallest bucket that holds its longest sequence.
+        assert b.shape[1] == min(x for x in buckets if x >= rows.max())
     assert sorted(got) == sorted(tuple(s) for s in kept)
-    # Only the last batch of each bucket has padding rows.
-    per_bucket = {}
-    for b in batches:
-        per_bucket.setdefault(b.shape[1], []).append(b.num_sequences)
-    for counts in per_bucket.values():
-        assert all(c == 8 for c in counts[:-1])
-    assert [b.shape[1] for b in batches] == sorted((b.shape[1] for b in batches), reverse=True)
+    # Longest first, and only the last batch has empty rows.
+    assert all(b.num_sequences == 8 for b in batches[:-1])
+    lengths_in_order = [int(n) for b in batches for n in b.attention_mask.sum(1) if n > 0]
+    assert lengths_in_order == sorted(lengths_in_order, reverse=True)
 
 
 def test_make_batches_custom_buckets_and_short_data():
     seqs = [np.arange(1, n + 1) for n in (3, 5, 9, 17)]
     batches = make_batches(seqs, batch_size=2, max_length=20, buckets=[4, 8])
-    assert [b.shape for b in batches] == [(2, 20), (2, 8), (2, 4)]
-    assert [b.num_sequences for b in batches] == [2, 1, 1]
+    assert [b.shape for b in batches] == [(2, 20), (2, 8)]  # (17, 9) and (5, 3)
+    assert [b.num_sequences for b in batches] == [2, 2]
     short = make_batches([np.arange(5), np.arange(3)], batch_size=4, max_length=1024)
     assert [b.shape for b in short] == [(4, 8)]  # short data: a small bucket, not 64
     assert make_batches([np.arange(40)], batch_size=1, max_length=16)[0].shape == (1, 16)  # truncated

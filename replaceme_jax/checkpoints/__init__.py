@@ -18,13 +18,26 @@ def _cached_default(name: str, path: str) -> str | None:
     if (target / "config.json").exists():
         return str(target)
     try:
-        from replaceme_jax.checkpoints.gguf import load_gguf
-        from replaceme_jax.checkpoints.hf import save_hf
-        model, tokenizer = load_gguf(path)
-        save_hf(model, target, tokenizer=tokenizer, overwrite=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # One process converts; others (parallel test workers, several jobs) wait for it, then reuse.
+        with open(target.with_name(target.name + ".lock"), "w") as lock:
+            _lock_exclusive(lock)
+            if not (target / "config.json").exists():
+                from replaceme_jax.checkpoints.gguf import load_gguf
+                from replaceme_jax.checkpoints.hf import save_hf
+                model, tokenizer = load_gguf(path)
+                save_hf(model, target, tokenizer=tokenizer, overwrite=True)
         return str(target)
     except OSError:  # read-only or full cache: fall back to the GGUF itself
         return None
+
+
+def _lock_exclusive(fh) -> None:
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, the atomic rename still keeps the cache whole
+        return
+    fcntl.flock(fh, fcntl.LOCK_EX)
 
 
 def load_pretrained(name_or_path: str, *, param_dtype: str | None = None, dtype: str | None = None,

