@@ -11,14 +11,11 @@ import math
 import os
 import time
 
-import jax
 import numpy as np
 import pytest
 
 from replaceme_jax.checkpoints.hf import save_hf
-from replaceme_jax.checkpoints.keymap import abstract_model, param_items
 from replaceme_jax.errors import ReplaceMeError
-from replaceme_jax.models.config import ModelConfig
 
 lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
@@ -26,30 +23,17 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 
 from replaceme_jax.eval.lm_eval_backend import ReplaceMeJaxLM  # noqa: E402
 from replaceme_jax.eval.tasks import task_manager  # noqa: E402
+from tiny_models import random_tiny_llama  # noqa: E402
 
 MAX_LENGTH = 64
 LL_ATOL = 1e-4  # float32 JAX vs float32 PyTorch, sums over a few tokens
-
-
-def _tiny_model(vocab_size: int, seed: int = 0):
-    config = ModelConfig(model_type="llama", vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                         rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=2048,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-    model = abstract_model(config)
-    rng = np.random.RandomState(seed)
-    for path, var in param_items(model):
-        shape = var.value.shape
-        value = (0.5 + rng.rand(*shape)) if "norm" in str(path) else 0.15 * rng.randn(*shape)
-        var.value = jax.numpy.asarray(value, np.float32)
-    return model
 
 
 @pytest.fixture(scope="module")
 def tiny(smollm2, tmp_path_factory):
     """(model, tokenizer, exported HF dir): random weights, SmolLM2's tokenizer."""
     tokenizer = smollm2[1]
-    model = _tiny_model(len(tokenizer))
+    model = random_tiny_llama(len(tokenizer))
     path = save_hf(model, tmp_path_factory.mktemp("tiny") / "hf", tokenizer=tokenizer)
     return model, tokenizer, str(path)
 

@@ -1,17 +1,15 @@
 """Perplexity against a direct transformers (PyTorch) computation on the same windows."""
 import math
 
-import jax
 import numpy as np
 import pytest
 import torch
 import transformers
 
 from replaceme_jax.checkpoints.hf import save_hf
-from replaceme_jax.checkpoints.keymap import abstract_model, param_items
 from replaceme_jax.errors import ReplaceMeError
 from replaceme_jax.eval.perplexity import corpus_windows, perplexity, tokenize_corpus
-from replaceme_jax.models.config import ModelConfig
+from tiny_models import random_tiny_llama
 
 
 def test_non_overlapping_windows():
@@ -39,22 +37,10 @@ def test_window_errors(kw, match):
         corpus_windows(100, **kw)
 
 
-def _tiny(vocab=256, seed=0):
-    config = ModelConfig(model_type="llama", vocab_size=vocab, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                         rms_norm_eps=1e-5, max_position_embeddings=512, tie_word_embeddings=False)
-    model = abstract_model(config)
-    rng = np.random.RandomState(seed)
-    for path, var in param_items(model):
-        shape = var.value.shape
-        value = (0.5 + rng.rand(*shape)) if "norm" in str(path) else 0.15 * rng.randn(*shape)
-        var.value = jax.numpy.asarray(value, np.float32)
-    return model
-
-
 @pytest.fixture(scope="module")
 def tiny_pair(tmp_path_factory):
-    model = _tiny()
+    model = random_tiny_llama(256, max_position_embeddings=512, tie_word_embeddings=False,
+                              bos_token_id=None, eos_token_id=None)
     path = save_hf(model, tmp_path_factory.mktemp("ppl") / "hf")
     ref = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     return model, ref

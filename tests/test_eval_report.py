@@ -5,35 +5,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
-import numpy as np
 import pytest
 
-from replaceme_jax.checkpoints.keymap import abstract_model, param_items
 from replaceme_jax.errors import ReplaceMeError
-from replaceme_jax.models.config import ModelConfig
 
 pytest.importorskip("lm_eval")
 from replaceme_jax.eval import report  # noqa: E402
 from replaceme_jax.eval.harness import evaluate_models  # noqa: E402
 from replaceme_jax.eval.perplexity import perplexity, tokenize_corpus  # noqa: E402
+from tiny_models import random_tiny_llama  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["Paris is the capital and largest city of France. " * 6, "The river flows to the sea. " * 8]
-
-
-def _tiny(vocab, seed):
-    config = ModelConfig(model_type="llama", vocab_size=vocab, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                         rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=2048,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-    model = abstract_model(config)
-    rng = np.random.RandomState(seed)
-    for path, var in param_items(model):
-        shape = var.value.shape
-        value = (0.5 + rng.rand(*shape)) if "norm" in str(path) else 0.15 * rng.randn(*shape)
-        var.value = jax.numpy.asarray(value, np.float32)
-    return model
 
 
 def _record(layers, accs, lambada=(0.3, 40.0), ppl=20.0):
@@ -79,7 +62,7 @@ def test_chart_is_a_png():
 
 def test_evaluate_models_end_to_end(smollm2, tmp_path):
     tokenizer = smollm2[1]
-    dense, pruned = _tiny(len(tokenizer), 0), _tiny(len(tokenizer), 1)
+    dense, pruned = random_tiny_llama(len(tokenizer), 0), random_tiny_llama(len(tokenizer), 1)
     out = tmp_path / "eval"
     results = evaluate_models([("dense", dense, tokenizer), ("pruned", pruned, tokenizer)],
                               tasks="piqa", limit=3, ppl_texts=TEXTS, ppl_window=32, ppl_windows=2,
@@ -138,8 +121,8 @@ def test_script_bad_input_is_one_error_line(tmp_path):
 def test_script_end_to_end(smollm2, tmp_path):
     from replaceme_jax.checkpoints.hf import save_hf
     tokenizer = smollm2[1]
-    a = save_hf(_tiny(len(tokenizer), 0), tmp_path / "a", tokenizer=tokenizer)
-    b = save_hf(_tiny(len(tokenizer), 1), tmp_path / "b", tokenizer=tokenizer)
+    a = save_hf(random_tiny_llama(len(tokenizer), 0), tmp_path / "a", tokenizer=tokenizer)
+    b = save_hf(random_tiny_llama(len(tokenizer), 1), tmp_path / "b", tokenizer=tokenizer)
     out = tmp_path / "eval"
     proc = _script(f"--models={a},{b}", "--names=dense,pruned", "--tasks=piqa,arc_easy", "--limit=2",
                    "--ppl_windows=1", "--ppl_window=64", f"--output_dir={out}")
