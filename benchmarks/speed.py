@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import flops
+from replaceme_jax.data.batching import segment_lengths
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ def statistics_requests(cfg, result, num_blocks: int) -> list:
 def count_our_flops(config, cfg, result, batches) -> dict:
     """FLOPs of our statistics pass(es) on the padded batch shapes that ran, and on real tokens only."""
     shapes = [b.shape for b in batches]
-    lengths = [(1, int(n)) for b in batches for n in b.attention_mask.sum(-1) if n > 0]
+    lengths = [(1, n) for b in batches for n in segment_lengths(b)]
     out = {"padded_tokens": sum(b * t for b, t in shapes), "real_tokens": sum(n for _, n in lengths),
            "shapes": [list(s) for s in sorted(set(shapes))], "passes": [],
            "padded": {"model": 0, "sums": 0, "total": 0}, "real": {"model": 0, "sums": 0, "total": 0}}

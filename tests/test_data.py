@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from replaceme_jax.data import (
-    Batch, count_shapes, default_buckets, heldout_wikipedia_articles, load_calibration_texts,
-    make_batches, normalize_messages, render_chat, tokenize_texts)
+    MAX_SEGMENTS, Batch, count_shapes, default_buckets, heldout_wikipedia_articles, load_calibration_texts,
+    make_batches, normalize_messages, render_chat, segment_lengths, tokenize_texts)
 from replaceme_jax.data import calibration, corpora
 from replaceme_jax.data.cache import cached_json
 from replaceme_jax.errors import ReplaceMeError
@@ -364,6 +364,32 @@ def test_make_batches_shapes_masks_content(padding_side):
     assert all(b.num_sequences == 8 for b in batches[:-1])
     lengths_in_order = [int(n) for b in batches for n in b.attention_mask.sum(1) if n > 0]
     assert lengths_in_order == sorted(lengths_in_order, reverse=True)
+
+
+def test_make_batches_packed():
+    rng = np.random.default_rng(1)
+    seqs = [rng.integers(1, 1000, size=n).astype(np.int32) for n in rng.integers(1, 300, size=203)]
+    packed = make_batches(seqs, batch_size=8, max_length=512, pack=True)
+    padded = make_batches(seqs, batch_size=8, max_length=512)
+    kept = sorted(tuple(s[:512]) for s in seqs if s.size >= 2)
+    got = []
+    for b in packed:
+        assert b.shape[0] == 8 and b.num_tokens == int((b.attention_mask > 0).sum())
+        assert b.attention_mask.max() <= MAX_SEGMENTS
+        for ids, mask in zip(b.input_ids, b.attention_mask):
+            n = int((mask > 0).sum())
+            assert np.all(mask[:n] > 0) and np.all(mask[n:] == 0)  # right-padded, no holes
+            assert np.all(np.diff(mask[:n]) >= 0)  # segments 1, 2, ... in order
+            got.extend(tuple(ids[mask == k]) for k in range(1, mask.max() + 1))
+            assert mask.max() == 0 or set(np.unique(mask[:n])) == set(range(1, mask.max() + 1))
+    assert sorted(got) == kept
+    assert sum(b.num_sequences for b in packed) == len(kept)
+    assert sorted(n for b in packed for n in segment_lengths(b)) == sorted(len(s) for s in kept)
+    # Little padding left (one sequence per row wastes a quarter of the positions here).
+    real = sum(len(s) for s in kept)
+    assert sum(b.input_ids.size for b in packed) < 1.1 * real < 0.9 * sum(b.input_ids.size for b in padded)
+    with pytest.raises(ReplaceMeError, match="packed batches are right-padded"):
+        make_batches(seqs, batch_size=8, max_length=512, pack=True, padding_side="left")
 
 
 def test_make_batches_custom_buckets_and_short_data():

@@ -3,7 +3,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from replaceme_jax.baselines.nll import mean_nll, subset_batches
 from replaceme_jax.data import load_calibration_texts, make_batches, tokenize_texts
+from replaceme_jax.data.batching import sequences
 from replaceme_jax.errors import ReplaceMeError
 from replaceme_jax.models.config import ModelConfig
 from replaceme_jax.models.modeling import CausalLM
@@ -92,6 +94,39 @@ def test_padding_side_does_not_change_statistics():
     np.testing.assert_allclose(right.cross, left.cross, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(right.distances, left.distances, atol=1e-6, equal_nan=True)
     assert right.num_tokens == sum(len(s) for s in seqs)
+
+
+def test_packed_rows_give_the_same_statistics_logits_and_nll():
+    """Several sequences per row, kept apart by the mask (RoPE positions restarting per sequence),
+    give the sums, distances, per-sequence logits and calibration NLL of one sequence per row."""
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=5,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = CausalLM(cfg)
+    rng = np.random.default_rng(1)
+    seqs = [rng.integers(0, 64, size=n) for n in (5, 9, 12, 3, 16, 7, 2, 11, 4, 30)]
+    padded = make_batches(seqs, batch_size=2, max_length=32)
+    packed = make_batches(seqs, batch_size=2, max_length=32, pack=True)
+    assert sum(b.input_ids.size for b in packed) < sum(b.input_ids.size for b in padded) / 2
+    assert packed[0].attention_mask.max() > 1  # rows really hold several sequences
+    req = StatsRequest(max_distance_blocks=4, cuts=((1, 3), (2, 5), (1, 5)))
+    a, b = gather_statistics(model, padded, req), gather_statistics(model, packed, req)
+    assert (a.num_tokens, a.num_sequences) == (b.num_tokens, b.num_sequences) == (sum(map(len, seqs)), len(seqs))
+    for name in ("gram", "cross", "target_sq"):
+        np.testing.assert_allclose(getattr(b, name), getattr(a, name), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(b.distances, a.distances, atol=1e-6, equal_nan=True)
+    # Logits: each packed segment equals its sequence run alone.
+    batch = packed[0]
+    logits = np.asarray(model(jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask)))
+    for r, row in enumerate(batch.attention_mask):
+        for k in range(1, row.max() + 1):
+            ids = batch.input_ids[r][row == k]
+            alone = np.asarray(model(jnp.asarray(ids[None])))[0]
+            np.testing.assert_allclose(logits[r][row == k], alone, atol=1e-5)
+    assert mean_nll(model, packed) == pytest.approx(mean_nll(model, padded), rel=1e-6)
+    # SLEB's scoring subset: exactly the first sequences, packed as the input was.
+    for batches in (packed, padded):
+        first = [s.tolist() for b in batches for s in sequences(b)][:3]
+        assert [s.tolist() for b in subset_batches(batches, 3) for s in sequences(b)] == first
 
 
 def test_float32_kahan_accumulation_close_to_float64():

@@ -11,6 +11,7 @@ sweep resumes where it stopped. After every row the tables (``results.csv``, ``r
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -150,7 +151,9 @@ def sweep_rows(cfg) -> list[Row]:
 def fixed_settings(cfg) -> dict:
     """Everything a row's numbers depend on that is not a sweep dimension (checked on resume)."""
     p = cfg.pipeline
-    cal = {k: v for k, v in p.calibration.to_dict().items() if k != "num_samples"}
+    # Packing changes how the tokens are laid out, not the statistics (equal to ~1e-6), so a sweep
+    # resumes across it.
+    cal = {k: v for k, v in p.calibration.to_dict().items() if k not in ("num_samples", "packing")}
     return {"model": p.model, "param_dtype": p.param_dtype, "dtype": p.dtype, "calibration": cal,
             "accum_dtype": p.accum_dtype, "merge_consecutive": p.merge_consecutive, "cosine": p.cosine.to_dict(),
             "seed": p.seed, "sleb": cfg.sleb.to_dict(), "search": cfg.search.to_dict(),
@@ -244,7 +247,8 @@ class Sweep:
     def _sleb_order(self, batches, key: dict, n: int, influence) -> SlebResult:
         """The cached greedy order, extended one block at a time (each step saved) up to ``n``."""
         s = self.cfg.sleb
-        key = {**key, "sleb": s.to_dict()}
+        # "scored": SLEB scores exactly the first num_sequences sequences (earlier: whole batches).
+        key = {**key, "sleb": s.to_dict(), "scored": "first_sequences"}
         path = self.cache / f"sleb-{digest(key)}.json"
         order = None
         if path.exists():
@@ -334,13 +338,24 @@ class Sweep:
                 order = self._sleb_order(batches, key, row.removed, influence)
                 result = mth.sleb(model, row.removed, order=order)
             prune_seconds = time.perf_counter() - t0
-            evaluation = self._evaluate(result.model)
+            # Rows that prune identically (e.g. two rules choosing the same cut) share one evaluation.
+            evaluation = self._cached_json(
+                "eval", {**key, "eval": self.cfg.eval.to_dict(), "pruned": pruned_identity(result)},
+                lambda: self._evaluate(result.model))
             record = {**dataclasses.asdict(row), "id": row.id, "removed_blocks": result.removed,
                       "cuts": [list(c) for c in result.cuts], "num_blocks": result.model.config.num_hidden_layers,
                       "residuals": result.info.get("residuals"), "selection_scores": result.info.get("scores"),
                       "prune_seconds": round(prune_seconds, 1), **evaluation}
             self._save_row(row.id, record)
             self.log(f"[{row.id}] blocks {result.removed}: {_summary(evaluation)}, {prune_seconds:.0f} s prune")
+
+
+def pruned_identity(result) -> dict:
+    """What the pruned model is made of: the removed blocks and a digest of every transform."""
+    h = hashlib.sha256()
+    for T in result.transforms:
+        h.update(b"none" if T is None else np.ascontiguousarray(np.asarray(T, np.float32)).tobytes())
+    return {"removed": [int(b) for b in result.removed], "transforms": h.hexdigest()[:16]}
 
 
 def _summary(evaluation: dict) -> str:

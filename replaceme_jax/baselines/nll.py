@@ -12,6 +12,7 @@ from typing import Iterable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from replaceme_jax.errors import ReplaceMeError
@@ -23,8 +24,9 @@ def _nll_sums(graphdef, state, input_ids, attention_mask):
     logits = model(input_ids, attention_mask)[:, :-1]
     log_z = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, input_ids[:, 1:, None], axis=-1)[..., 0]
-    # A target counts when it and its context token are both real (right or left padding).
-    valid = (attention_mask[:, 1:] * attention_mask[:, :-1]).astype(jnp.float32)
+    # A target counts when it and its context token are real tokens of the same sequence (right or
+    # left padding, packed rows).
+    valid = ((attention_mask[:, 1:] > 0) & (attention_mask[:, 1:] == attention_mask[:, :-1])).astype(jnp.float32)
     return jnp.sum((log_z - picked) * valid), jnp.sum(valid)
 
 
@@ -48,17 +50,21 @@ def perplexity_of(model, batches: Iterable) -> float:
 
 
 def subset_batches(batches, num_sequences: int | None):
-    """The first batches holding at least ``num_sequences`` sequences (all when None)."""
+    """Batches of exactly the first ``num_sequences`` sequences of ``batches`` (all batches when None),
+    packed if the input was."""
+    from replaceme_jax.data.batching import make_batches, sequences
+    batches = list(batches)
     if num_sequences is None:
-        return list(batches)
+        return batches
     if num_sequences < 1:
         raise ReplaceMeError(f"num_sequences must be positive (or None for all), got {num_sequences}")
-    out, seen = [], 0
+    seqs = []
     for batch in batches:
-        if seen >= num_sequences:
+        if len(seqs) >= num_sequences:
             break
-        out.append(batch)
-        seen += int(batch.num_sequences)
-    return out
-
-
+        seqs.extend(sequences(batch))
+    if not seqs:
+        raise ReplaceMeError("no calibration sequences to score: the batches are empty")
+    packed = any(int(np.max(b.attention_mask)) > 1 for b in batches)
+    return make_batches(seqs[:num_sequences], batch_size=batches[0].shape[0],
+                        max_length=max(b.shape[1] for b in batches), pack=packed)

@@ -22,7 +22,7 @@ from replaceme_jax.errors import ReplaceMeError
 def _influence_sums(graphdef, state, input_ids, attention_mask):
     model = nnx.merge(graphdef, state)
     cos, sin, biases = model.attention_inputs(attention_mask)
-    weight = attention_mask.astype(jnp.float32)
+    weight = (attention_mask > 0).astype(jnp.float32)
     h = model.embed(input_ids)
     sums = []
     for layer, bias in zip(model.model.layers, biases):

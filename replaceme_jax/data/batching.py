@@ -1,13 +1,19 @@
 """Tokenisation and static-shape batches.
 
 A jitted forward pass recompiles for every new input shape. Sequences are therefore grouped
-by length and padded to the smallest of a few bucket lengths (powers of two up to
-max_length), and every batch has exactly ``batch_size`` rows (a bucket's last batch is
-filled with all-padding rows, mask 0). The number of distinct shapes is at most the number
-of buckets, whatever the data.
+by length and padded to the smallest of a few bucket lengths (half-octaves up to max_length),
+and every batch has exactly ``batch_size`` rows (the last batch is filled with all-padding rows,
+mask 0). The number of distinct shapes is at most the number of buckets, whatever the data.
+
+With ``pack=True`` several sequences share a row (best-fit decreasing): the mask then numbers
+them 1, 2, ... and the model keeps them apart (``modeling.attention_bias``, per-segment RoPE
+positions), so a statistics pass computes exactly what it would on padded rows, on far fewer
+positions. Only passes that treat every real token alike (not the official pad-counting mode)
+should be fed packed batches.
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 
 import numpy as np
@@ -15,17 +21,19 @@ import numpy as np
 from replaceme_jax.errors import ReplaceMeError
 
 MIN_TOKENS = 2  # a sequence needs a next-token target to say anything about the model
+MAX_SEGMENTS = 16  # sequences per packed row: consumers reserve this many last-token slots per row
 _SMALLEST_DEFAULT_BUCKET = 64
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Batch:
-    """``input_ids`` / ``attention_mask``: int32 [B, T]; mask 1 = token, 0 = padding."""
+    """``input_ids`` / ``attention_mask``: int32 [B, T]; mask 0 = padding, k > 0 = token of the
+    row's k-th sequence (1 everywhere when rows are not packed)."""
 
     input_ids: np.ndarray
     attention_mask: np.ndarray
     num_tokens: int  # real (unmasked) tokens
-    num_sequences: int  # real rows; the rest of the B rows are all padding
+    num_sequences: int  # sequences held (one per non-empty row unless packed)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -80,7 +88,7 @@ def default_buckets(max_length: int, longest: int | None = None) -> tuple[int, .
 
 
 def make_batches(token_lists, *, batch_size: int, max_length: int, buckets=None, pad_id: int = 0,
-                 padding_side: str = "right") -> list[Batch]:
+                 padding_side: str = "right", pack: bool = False) -> list[Batch]:
     """Static-shape padded batches, longest first.
 
     Sequences longer than ``max_length`` are truncated; sequences shorter than 2 tokens are
@@ -88,7 +96,8 @@ def make_batches(token_lists, *, batch_size: int, max_length: int, buckets=None,
     deterministic) and cut into batches of ``batch_size``; each batch is padded to the smallest
     bucket that holds its longest sequence. Only the last batch has empty rows, and the number of
     shapes is at most the number of buckets. ``buckets`` (lengths <= max_length) always gets
-    ``max_length`` added.
+    ``max_length`` added. ``pack``: rows of up to ``max_length`` tokens hold up to
+    ``MAX_SEGMENTS`` sequences each (right padding only).
     """
     _check_positive_int(batch_size, "batch_size")
     _check_positive_int(max_length, "max_length")
@@ -109,12 +118,40 @@ def make_batches(token_lists, *, batch_size: int, max_length: int, buckets=None,
     # Longest first (memory limits show at once); filling every batch before choosing its length
     # leaves one partly empty batch instead of one per bucket.
     ordered = sorted(seqs, key=lambda s: -s.size)  # stable: ties keep input order
+    if pack:
+        if padding_side != "right":
+            raise ReplaceMeError("packed batches are right-padded; fix: pack=False for left padding")
+        rows = _pack_rows(ordered, max_length)
+    else:
+        rows = [[s] for s in ordered]
     batches = []
-    for start in range(0, len(ordered), batch_size):
-        group = ordered[start:start + batch_size]
-        length = next(b for b in bucket_lengths if b >= group[0].size)
+    for start in range(0, len(rows), batch_size):
+        group = rows[start:start + batch_size]
+        longest_row = max(sum(s.size for s in row) for row in group)
+        length = next(b for b in bucket_lengths if b >= longest_row)
         batches.append(_pad(group, batch_size, length, pad_id, padding_side))
     return batches
+
+
+def _pack_rows(ordered, capacity: int) -> list[list[np.ndarray]]:
+    """Best-fit decreasing: each sequence (longest first) goes to the open row it fills best.
+
+    Rows come back fullest first. Deterministic: ties go to the row opened first."""
+    rows: list[list[np.ndarray]] = []
+    free: list[tuple[int, int]] = []  # (room left, row index) of rows that can take a sequence
+    for seq in ordered:
+        i = bisect.bisect_left(free, (seq.size, -1))
+        if i == len(free):
+            rows.append([seq])
+            room, r = capacity - seq.size, len(rows) - 1
+        else:
+            room, r = free.pop(i)
+            rows[r].append(seq)
+            room -= seq.size
+        if room >= MIN_TOKENS and len(rows[r]) < MAX_SEGMENTS:
+            bisect.insort(free, (room, r))
+    used = [sum(s.size for s in row) for row in rows]
+    return [rows[i] for i in sorted(range(len(rows)), key=lambda i: -used[i])]
 
 
 def count_shapes(batches) -> int:
@@ -137,14 +174,32 @@ def _resolve_buckets(buckets, max_length: int, longest: int) -> tuple[int, ...]:
     return tuple(lengths)
 
 
-def _pad(group, batch_size, length, pad_id, padding_side) -> Batch:
+def _pad(rows, batch_size, length, pad_id, padding_side) -> Batch:
+    """``rows``: per row, the sequences it holds (one unless packed), numbered 1, 2, ... in the mask."""
     ids = np.full((batch_size, length), pad_id, dtype=np.int32)
     mask = np.zeros((batch_size, length), dtype=np.int32)
-    for row, s in enumerate(group):
-        cols = slice(0, s.size) if padding_side == "right" else slice(length - s.size, length)
-        ids[row, cols] = s
-        mask[row, cols] = 1
-    return Batch(input_ids=ids, attention_mask=mask, num_tokens=int(mask.sum()), num_sequences=len(group))
+    for r, row in enumerate(rows):
+        used = sum(s.size for s in row)
+        col = 0 if padding_side == "right" else length - used
+        for k, s in enumerate(row, start=1):
+            ids[r, col:col + s.size] = s
+            mask[r, col:col + s.size] = k
+            col += s.size
+    return Batch(input_ids=ids, attention_mask=mask, num_tokens=int((mask > 0).sum()),
+                 num_sequences=sum(len(row) for row in rows))
+
+
+def sequences(batch) -> list[np.ndarray]:
+    """The token ids of every sequence in ``batch`` (packed or not), row by row."""
+    out = []
+    for ids, mask in zip(np.asarray(batch.input_ids), np.asarray(batch.attention_mask)):
+        out.extend(ids[mask == k] for k in range(1, int(mask.max(initial=0)) + 1))
+    return [s for s in out if s.size]
+
+
+def segment_lengths(batch) -> list[int]:
+    """Length of every sequence in ``batch`` (packed or not), row by row."""
+    return [s.size for s in sequences(batch)]
 
 
 def _check_positive_int(value, name: str) -> None:

@@ -177,18 +177,36 @@ jax.tree_util.register_dataclass(
 
 
 def default_positions(attention_mask: jax.Array) -> jax.Array:
-    """Positions counted over real tokens, so left padding does not shift RoPE phases."""
-    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+    """RoPE positions counted over real tokens, restarting at 0 where a packed segment starts.
+
+    ``attention_mask``: 0 = padding, k > 0 = token of segment k (an HF 0/1 mask is one segment per
+    row). Left padding therefore does not shift RoPE phases, and each sequence packed into a row
+    sees the positions it would have alone. Padding keeps the position of the last real token.
+    """
+    real = attention_mask > 0
+    count = jnp.cumsum(real.astype(jnp.int32), axis=-1)  # real tokens up to and including t
+    t = attention_mask.shape[-1]
+    idx = jnp.broadcast_to(jnp.arange(t), attention_mask.shape)
+    # Segment of the previous real token (0 before the first one): a segment starts where it changes.
+    last_real = jax.lax.cummax(jnp.where(real, idx, -1), axis=attention_mask.ndim - 1)
+    prev = jnp.concatenate([jnp.full_like(last_real[..., :1], -1), last_real[..., :-1]], axis=-1)
+    prev_seg = jnp.where(prev >= 0, jnp.take_along_axis(attention_mask, jnp.maximum(prev, 0), axis=-1), 0)
+    starts = real & (attention_mask != prev_seg)
+    before = jax.lax.cummax(jnp.where(starts, count - 1, 0), axis=attention_mask.ndim - 1)
+    return jnp.where(real, count - 1 - before, jnp.maximum(count - 1, 0))
 
 
 def attention_bias(attention_mask: jax.Array, window: int | None = None) -> jax.Array:
-    """Additive bias [B, T, T]: causal, pad keys masked, optional sliding window."""
+    """Additive bias [B, T, T]: causal, pad keys masked, packed segments kept apart, optional
+    sliding window. ``attention_mask`` as in ``default_positions``."""
     t = attention_mask.shape[-1]
     q_idx, k_idx = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
     allowed = k_idx <= q_idx
     if window is not None:
         allowed = allowed & (q_idx - k_idx < window)
-    allowed = allowed[None] & attention_mask.astype(bool)[:, None, :]
+    seg_q, seg_k = attention_mask[:, :, None], attention_mask[:, None, :]
+    # A real query sees its own segment only; a pad query's output is never used.
+    allowed = allowed[None] & (seg_k > 0) & ((seg_k == seg_q) | (seg_q == 0))
     return jnp.where(allowed, 0.0, _MASK_VALUE).astype(jnp.float32)
 
 

@@ -22,6 +22,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.calibration.hf_split = "train"
     c.calibration.add_bos = "auto"      # auto: only if the tokenizer itself prepends BOS
     c.calibration.include_pad = False   # True reproduces the official code (pads counted)
+    c.calibration.packing = True        # several sequences per row, kept apart by the mask (fewer
+                                        # positions run; ignored with include_pad)
 
     c.num_blocks = 8                # blocks per cut (the official `layers_to_skip`)
     c.num_transforms = 1            # number of cuts (the official `num_A`)

@@ -66,7 +66,10 @@ def calibration_batches(tokenizer, cal, *, part: str = "calibration"):
         add_bos = bool(probe) and tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id
     tokens = tokenize_texts(texts, tokenizer, cal.max_length, add_bos=bool(add_bos))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return make_batches(tokens, batch_size=cal.batch_size, max_length=cal.max_length, pad_id=int(pad))
+    # Packing needs every real token weighted alike: the official pad-counting mode keeps one per row.
+    pack = bool(cal.get("packing", True)) and not cal.include_pad
+    return make_batches(tokens, batch_size=cal.batch_size, max_length=cal.max_length, pad_id=int(pad),
+                        pack=pack)
 
 
 def _multi_cut_mode(cfg) -> str:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from replaceme_jax.data.batching import MAX_SEGMENTS
 from replaceme_jax.errors import ReplaceMeError
 from replaceme_jax.models.sharding import RESIDUAL, constrain, to_host
 
@@ -113,24 +114,32 @@ def _kahan_add(total, comp, x):
     return t, (t - total) - y
 
 
-def _last_token(h, last_idx):
-    return jnp.take_along_axis(h, last_idx[:, None, None], axis=1)[:, 0, :]
+def _last_tokens(h, last_idx):
+    """h [B, T, d], last_idx [B, S] -> [B, S, d]."""
+    return jnp.take_along_axis(h, last_idx[..., None], axis=1)
+
+
+def _segment_ends(attention_mask):
+    """(index of each sequence's last real token [B, S], slot holds a sequence [B, S]) for
+    S = MAX_SEGMENTS slots per row: right or left padding, packed rows alike."""
+    seg_ids = jnp.arange(1, MAX_SEGMENTS + 1, dtype=attention_mask.dtype)
+    t_idx = jnp.arange(attention_mask.shape[-1])
+    hit = attention_mask[:, None, :] == seg_ids[None, :, None]  # [B, S, T]
+    last = jnp.max(jnp.where(hit, t_idx, -1), axis=-1)
+    return jnp.maximum(last, 0), (last >= 0).astype(jnp.float32)
 
 
 def _batch_sums(model, input_ids, attention_mask, request: StatsRequest, depth: int, plan=None):
     """Sums for one batch (traced inside jit); ``plan`` pins the residual stream's sharding."""
     acc = jnp.dtype(request.resolved_accum_dtype())
-    mask = attention_mask.astype(jnp.float32)
-    lengths = attention_mask.sum(-1)
-    row_valid = (lengths > 0).astype(jnp.float32)
+    mask = (attention_mask > 0).astype(jnp.float32)
+    row_valid = (mask.sum(-1) > 0).astype(jnp.float32)
     # Token weights: real tokens only, or every position of a row holding a sequence.
     w = (row_valid[:, None] * jnp.ones_like(mask)) if request.include_pad else mask
     cos, sin, biases = model.attention_inputs(attention_mask)
     h = constrain(model.embed(input_ids), plan, RESIDUAL)
-    # Index of each row's last real token, for right- or left-padded rows alike.
-    t = attention_mask.shape[-1]
-    last_idx = t - 1 - jnp.argmax(attention_mask[:, ::-1], axis=-1)
-    lasts = [_last_token(h, last_idx).astype(jnp.float32)]
+    last_idx, seq_valid = _segment_ends(attention_mask)
+    lasts = [_last_tokens(h, last_idx).astype(jnp.float32)]
     anchors, cuts = request.anchors, request.cuts
     keep = {}
     cross, target_sq = [None] * len(cuts), [None] * len(cuts)
@@ -146,7 +155,7 @@ def _batch_sums(model, input_ids, attention_mask, request: StatsRequest, depth: 
                 cross[c] = jnp.einsum("btd,bte->de", mw_a, r, precision=_HI)
                 target_sq[c] = jnp.sum(w[..., None].astype(acc) * r * r)
         if request.max_distance_blocks:
-            lasts.append(_last_token(h, last_idx).astype(jnp.float32))
+            lasts.append(_last_tokens(h, last_idx).astype(jnp.float32))
     d = h.shape[-1]
     out = {
         "gram": (jnp.stack([jnp.einsum("btd,bte->de", keep[a][1], keep[a][1], precision=_HI) for a in anchors])
@@ -154,15 +163,15 @@ def _batch_sums(model, input_ids, attention_mask, request: StatsRequest, depth: 
         "cross": jnp.stack(cross) if cuts else jnp.zeros((0, d, d), acc),
         "target_sq": jnp.stack(target_sq) if cuts else jnp.zeros((0,), acc),
         "tokens": jnp.sum(w),
-        "sequences": jnp.sum(row_valid),
+        "sequences": jnp.sum(seq_valid),
     }
     if request.max_distance_blocks:
-        u = jnp.stack(lasts)  # [depth + 1, B, d]: h_0 (embeddings) .. h_depth
+        u = jnp.stack(lasts)  # [depth + 1, B, S, d]: h_0 (embeddings) .. h_depth
         u = u / jnp.maximum(jnp.linalg.norm(u, axis=-1, keepdims=True), 1e-12)
         rows = []
         for n in range(1, request.max_distance_blocks + 1):
-            cosine = jnp.clip(jnp.sum(u[:-n] * u[n:], axis=-1), -1.0, 1.0)  # [depth + 1 - n, B]
-            dist = (jnp.arccos(cosine) / jnp.pi * row_valid).sum(-1)
+            cosine = jnp.clip(jnp.sum(u[:-n] * u[n:], axis=-1), -1.0, 1.0)  # [depth + 1 - n, B, S]
+            dist = (jnp.arccos(cosine) / jnp.pi * seq_valid).sum((-2, -1))
             rows.append(jnp.pad(dist, (0, depth - dist.shape[0]))[:depth])
         out["distance_sum"] = jnp.stack(rows)
     return out
