@@ -5,6 +5,7 @@ shares every unchanged array with it (JAX arrays are immutable), so no copy of t
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -26,9 +27,14 @@ def fold_transform(kernel: jax.Array, T) -> jax.Array:
     host array, is replicated to the kernel's devices).
     """
     kernel = jnp.asarray(kernel)
-    fold = jax.jit(lambda k, t: jnp.matmul(k.astype(jnp.float32), t, precision=_HI).astype(k.dtype),
-                   out_shardings=kernel.sharding)
-    return fold(kernel, np.asarray(T, np.float32))
+    return _fold_fn(kernel.sharding)(kernel, np.asarray(T, np.float32))
+
+
+@functools.lru_cache(maxsize=16)
+def _fold_fn(sharding):
+    """One jitted fold per output sharding (a sweep folds hundreds of transforms)."""
+    return jax.jit(lambda k, t: jnp.matmul(k.astype(jnp.float32), t, precision=_HI).astype(k.dtype),
+                   out_shardings=sharding)
 
 
 def apply_cuts(model: CausalLM, cuts: Sequence[Cut], transforms: Sequence | None = None) -> CausalLM:
@@ -63,11 +69,18 @@ def apply_cuts(model: CausalLM, cuts: Sequence[Cut], transforms: Sequence | None
             values[prefix + ("bias",)] = fold_transform(values[prefix + ("bias",)][None, :], T)[0]
     kept = [i for i in range(config.num_hidden_layers) if i not in set(dropped)]
     new_config = config.without_layers(dropped)
-    new_model = nnx.eval_shape(lambda: CausalLM(new_config, rngs=nnx.Rngs(0)))
-    graphdef, new_state = nnx.split(new_model)
+    graphdef, abstract_state = _abstract_model(new_config)
+    new_state = jax.tree.map(lambda x: x, abstract_state)  # fresh Variables; the cached ones stay abstract
     for path, var in nnx.to_flat_state(new_state):
         old = path
         if path[:2] == ("model", "layers"):
             old = path[:2] + (kept[path[2]],) + path[3:]
         var.set_value(values[old])
     return nnx.merge(graphdef, new_state)
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_model(config):
+    """(graphdef, shape-only state) of a model of ``config``: tracing the initialisers costs about a
+    second, and a sweep or benchmark prunes to the same shape many times."""
+    return nnx.split(nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0))))
