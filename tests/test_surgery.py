@@ -81,3 +81,19 @@ def test_cut_ending_at_last_block_is_supported():
     mask = jnp.ones_like(ids)
     want = explicit_forward(model, ids, mask, [(3, 6)], [T])
     assert np.abs(np.asarray(pruned(ids, mask)) - np.asarray(want)).max() <= 1e-5
+
+
+def test_pruned_models_of_one_shape_share_compilations():
+    """Folding T at different anchors must not give the pruned models different jit signatures
+    (the search rule and SLEB score dozens of them: one compilation, not one per cut)."""
+    from replaceme_jax.baselines import nll
+    from replaceme_jax.data import make_batches
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=8,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = CausalLM(cfg)
+    batches = make_batches([np.arange(1, 30)] * 4, batch_size=2, max_length=32)
+    nll.mean_nll(apply_cuts(model, [(1, 3)], [np.eye(32, dtype=np.float32)]), batches)
+    before = nll._nll_sums._cache_size()
+    for cut, T in (((2, 4), np.eye(32, dtype=np.float32)), ((4, 6), 2 * np.eye(32, dtype=np.float32)), ((3, 5), None)):
+        nll.mean_nll(apply_cuts(model, [cut], [T]), batches)
+    assert nll._nll_sums._cache_size() == before

@@ -27,14 +27,17 @@ def fold_transform(kernel: jax.Array, T) -> jax.Array:
     host array, is replicated to the kernel's devices).
     """
     kernel = jnp.asarray(kernel)
-    return _fold_fn(kernel.sharding)(kernel, np.asarray(T, np.float32))
+    # On one device the output stays uncommitted like the other parameters: a committed array at a
+    # cut-dependent position would make every jitted pass over the pruned model recompile per cut.
+    sharding = kernel.sharding if len(kernel.sharding.device_set) > 1 else None
+    return _fold_fn(sharding)(kernel, np.asarray(T, np.float32))
 
 
 @functools.lru_cache(maxsize=16)
 def _fold_fn(sharding):
     """One jitted fold per output sharding (a sweep folds hundreds of transforms)."""
-    return jax.jit(lambda k, t: jnp.matmul(k.astype(jnp.float32), t, precision=_HI).astype(k.dtype),
-                   out_shardings=sharding)
+    fold = lambda k, t: jnp.matmul(k.astype(jnp.float32), t, precision=_HI).astype(k.dtype)  # noqa: E731
+    return jax.jit(fold) if sharding is None else jax.jit(fold, out_shardings=sharding)
 
 
 def apply_cuts(model: CausalLM, cuts: Sequence[Cut], transforms: Sequence | None = None) -> CausalLM:
