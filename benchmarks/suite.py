@@ -24,6 +24,7 @@ class SuiteOptions:
     repeats: int = 3                       # warm runs per side
     solvers: tuple[str, ...] = ("lstsq", "cosine")
     baseline: bool = True                  # time the PyTorch baseline
+    baseline_repeats: int | None = None    # its runs (None: ``repeats``)
     baseline_include_pad: bool = True      # the official code counts pad positions
     threads: int | None = None             # torch threads (None: all cores)
     speed: bool = True                     # peak, our runs, the baseline (False: memory table only)
@@ -56,6 +57,8 @@ def _check(options: SuiteOptions):
         raise ReplaceMeError("nothing to measure: enable the speed part, the memory part, or both")
     if options.repeats < 1:
         raise ReplaceMeError(f"repeats must be at least 1, got {options.repeats}")
+    if options.baseline_repeats is not None and options.baseline_repeats < 1:
+        raise ReplaceMeError(f"baseline_repeats must be at least 1, got {options.baseline_repeats}")
     unknown = [s for s in options.solvers if s not in KNOWN_SOLVERS]
     if unknown or not options.solvers:
         raise ReplaceMeError(f"unknown or no solvers {list(options.solvers)}; use some of {', '.join(KNOWN_SOLVERS)}")
@@ -70,7 +73,8 @@ def _settings(cfg, config, options: SuiteOptions) -> dict:
             "selection": cfg.selection, "candidates": cfg.candidates, "dtype": cfg.dtype,
             "accum_dtype": StatsRequest(accum_dtype=cfg.accum_dtype).resolved_accum_dtype(),
             "include_pad": bool(cfg.calibration.include_pad), "baseline_include_pad": options.baseline_include_pad,
-            "repeats": options.repeats, "solvers": list(options.solvers), "cosine": cfg.cosine.to_dict()}
+            "repeats": options.repeats, "baseline_repeats": options.baseline_repeats or options.repeats,
+            "solvers": list(options.solvers), "cosine": cfg.cosine.to_dict()}
 
 
 def targets(report: dict) -> dict:
@@ -144,7 +148,7 @@ def _speed(report: dict, cfg, options: SuiteOptions, hf_dir: Path, tmp: Path) ->
     config = reference.model.config
 
     if options.baseline:
-        truns = speed.run_torch(cfg, hf_dir, repeats=options.repeats, workdir=tmp,
+        truns = speed.run_torch(cfg, hf_dir, repeats=options.baseline_repeats or options.repeats, workdir=tmp,
                                 include_pad=options.baseline_include_pad, threads=options.threads)
         tsum = truns.summary()
         tflops = speed.count_torch_flops(config, truns)

@@ -110,7 +110,8 @@ def markdown(report: dict) -> str:
            f"{s['num_hidden_layers']}; ours: selection {s['selection']}, candidates {s['candidates']}, "
            f"dtype {s['dtype']}, sums {s['accum_dtype']}, pads {'counted' if s['include_pad'] else 'excluded'}; "
            f"baseline: angular selection, pads {'counted' if s['baseline_include_pad'] else 'excluded'} "
-           f"(official); {s['repeats']} warm runs per side.", "",
+           f"(official); ours: {s['repeats']} warm runs per solver, baseline: "
+           f"{s.get('baseline_repeats', s['repeats'])} runs.", "",
            f"Command: `{report['command']}`"]
     if report.get("ours"):
         out += ["", "## Time per stage", ""]

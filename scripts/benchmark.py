@@ -36,6 +36,7 @@ _QUICK = flags.DEFINE_boolean("quick", False, "Tiny setting: 8 passages of <= 64
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Warm runs per side (tables show their median and min-max).")
 _SOLVERS = flags.DEFINE_list("solvers", ["lstsq", "cosine"], "Our solvers to time end to end.")
 _BASELINE = flags.DEFINE_boolean("baseline", True, "Time the PyTorch baseline.")
+_BASELINE_REPEATS = flags.DEFINE_integer("baseline_repeats", None, "Runs of the baseline (default: --repeats).")
 _BASELINE_PAD = flags.DEFINE_boolean("baseline_include_pad", True,
                                      "The baseline counts pad positions in its sums (as the official code).")
 _THREADS = flags.DEFINE_integer("threads", None, "Torch threads (default: all cores).")
@@ -64,7 +65,7 @@ def main(argv) -> int:
     except ValueError as e:
         raise ReplaceMeError(f"--memory_multipliers must be integers, got {_MEM_MULT.value}") from e
     options = dict(speed=_SPEED.value, repeats=_REPEATS.value, solvers=tuple(_SOLVERS.value),
-                   baseline=_BASELINE.value, baseline_include_pad=_BASELINE_PAD.value, threads=_THREADS.value,
+                   baseline=_BASELINE.value, baseline_repeats=_BASELINE_REPEATS.value, baseline_include_pad=_BASELINE_PAD.value, threads=_THREADS.value,
                    quality=_QUALITY.value, ppl_windows=_PPL_WINDOWS.value, peak_n=_PEAK_N.value, memory=_MEMORY.value,
                    memory_base_samples=_MEM_BASE.value, memory_multipliers=multipliers,
                    workdir=_WORKDIR.value, command=" ".join(["python", "scripts/benchmark.py", *sys.argv[1:]]))

@@ -74,6 +74,11 @@ def _batches():
         mask[6, :5] = 0   # left padding
         mask[7] = 0       # an empty row (the batch filler)
         out.append(Batch(ids, mask, int(mask.sum()), int((mask.sum(-1) > 0).sum())))
+    # A shrunk last batch (make_batches' shrink_last): 2 rows, which put_batch pads to the batch ways.
+    ids = rng.integers(0, CONFIG.vocab_size, (2, 16)).astype(np.int32)
+    mask = np.ones((2, 16), np.int32)
+    mask[1, 11:] = 0
+    out.append(Batch(ids, mask, int(mask.sum()), 2))
     return out
 
 

@@ -88,16 +88,21 @@ def default_buckets(max_length: int, longest: int | None = None) -> tuple[int, .
 
 
 def make_batches(token_lists, *, batch_size: int, max_length: int, buckets=None, pad_id: int = 0,
-                 padding_side: str = "right", pack: bool = False) -> list[Batch]:
+                 padding_side: str = "right", pack: bool = False, shrink_last: bool = True) -> list[Batch]:
     """Static-shape padded batches, longest first.
 
     Sequences longer than ``max_length`` are truncated; sequences shorter than 2 tokens are
     dropped. Sequences are ordered longest first (ties in input order, so the output is
     deterministic) and cut into batches of ``batch_size``; each batch is padded to the smallest
-    bucket that holds its longest sequence. Only the last batch has empty rows, and the number of
-    shapes is at most the number of buckets. ``buckets`` (lengths <= max_length) always gets
+    bucket that holds its longest sequence. ``buckets`` (lengths <= max_length) always gets
     ``max_length`` added. ``pack``: rows of up to ``max_length`` tokens hold up to
     ``MAX_SEGMENTS`` sequences each (right padding only).
+
+    Only the last batch can be partly empty; ``shrink_last`` cuts its rows to the next power of
+    two that holds them (at most ``batch_size``), so it does not compute empty rows, and there are
+    at most ``log2(batch_size)`` more shapes than buckets (in practice one; powers of two keep the
+    shapes shared across calibration sizes). A sharded pass pads such a batch back to a
+    multiple of its batch ways (``ShardingPlan.put_batch``).
     """
     _check_positive_int(batch_size, "batch_size")
     _check_positive_int(max_length, "max_length")
@@ -129,7 +134,8 @@ def make_batches(token_lists, *, batch_size: int, max_length: int, buckets=None,
         group = rows[start:start + batch_size]
         longest_row = max(sum(s.size for s in row) for row in group)
         length = next(b for b in bucket_lengths if b >= longest_row)
-        batches.append(_pad(group, batch_size, length, pad_id, padding_side))
+        rows_here = min(batch_size, 1 << (len(group) - 1).bit_length()) if shrink_last else batch_size
+        batches.append(_pad(group, rows_here, length, pad_id, padding_side))
     return batches
 
 

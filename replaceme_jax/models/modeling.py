@@ -22,6 +22,7 @@ from flax import nnx
 from replaceme_jax.models.config import ModelConfig
 
 _MASK_VALUE = float(np.finfo(np.float32).min)
+_ATTENTION_CHUNK = 64  # query rows per block of the causal attention (see causal_attention)
 
 
 def _dtype(name: str):
@@ -117,11 +118,34 @@ class Attention(nnx.Module):
         groups = self.num_heads // self.num_kv_heads
         q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim).transpose(0, 2, 3, 1, 4)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv, s, d]
-        scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
-        scores = scores / math.sqrt(self.head_dim) + bias[:, None, None, :, :]
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bksd->bkgtd", probs, v).transpose(0, 3, 1, 2, 4)
+        out = causal_attention(q, k, v, bias).transpose(0, 3, 1, 2, 4)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+
+
+def _attend(q, k, v, bias):
+    """Softmax attention: q [b, kv, g, t, d], k/v [b, kv, s, d], bias [b, t, s] -> [b, kv, g, t, d]."""
+    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(q.shape[-1]) + bias[:, None, None, :, :]
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bksd->bkgtd", probs, v)
+
+
+def causal_attention(q, k, v, bias, chunk: int | None = None):
+    """``_attend`` for a causal ``bias`` (as ``attention_bias`` makes), skipping the all-masked
+    blocks of the score matrix: queries in chunks of ``chunk`` (default ``_ATTENTION_CHUNK``), each
+    against the keys up to its end. With c chunks a row runs (c + 1) / 2c of the attention FLOPs
+    (9/16 at 512 tokens); rows shorter than two chunks run whole. Same results."""
+    chunk = chunk or _ATTENTION_CHUNK
+    t = q.shape[3]
+    if t < 2 * chunk or k.shape[2] != t:
+        return _attend(q, k, v, bias)
+    out = jnp.concatenate([_attend(q[:, :, :, i:i + chunk], k[:, :, :i + chunk], v[:, :, :i + chunk],
+                                   bias[:, i:i + chunk, :i + chunk]) for i in range(0, t, chunk)], axis=3)
+    # A query that sees no key at all (left padding) gets the mean of every value, as a full row of
+    # equal masked scores gives; by causality no chunk's cut-off keys were visible to anyone else.
+    blind = jnp.max(bias, axis=-1) < 0  # [b, t]
+    mean_v = jnp.mean(v.astype(jnp.float32), axis=2).astype(v.dtype)[:, :, None, None, :]
+    return jnp.where(blind[:, None, None, :, None], mean_v, out)
 
 
 class MLP(nnx.Module):

@@ -200,12 +200,24 @@ class ShardingPlan:
     def constrain(self, x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
         return jax.lax.with_sharding_constraint(x, self.sharding(logical, x.shape))
 
+    @property
+    def batch_ways(self) -> int:
+        """How many ways the batch axes split a batch's rows."""
+        return math.prod(self.axis_sizes[a] for a in dict(self.rules)["activation_batch"])
+
     def put_batch(self, array) -> jax.Array:
-        """A host [B, T] array (the same on every host) as a global array split over the batch axes."""
+        """A host [B, T] array (the same on every host) as a global array split over the batch axes.
+
+        Rows are padded with zeros (empty rows: mask 0) up to a multiple of ``batch_ways``, so a
+        short last batch still splits evenly; consumers slice results back to B rows."""
         array = np.asarray(array)
-        sharding = self.sharding(BATCH, array.shape)
-        _warn_if_batch_unsplit(self, array.shape[0], sharding.shard_shape(array.shape)[0])
-        return put(array, sharding)
+        rows, ways = array.shape[0], self.batch_ways
+        if rows % ways:
+            if rows > ways:  # a short last batch is expected; a batch size that does not split is not
+                _warn_padded_rows(rows, ways, tuple(dict(self.rules)["activation_batch"]))
+            pad = np.zeros((-rows % ways, *array.shape[1:]), array.dtype)
+            array = np.concatenate([array, pad])
+        return put(array, self.sharding(BATCH, array.shape))
 
     def accumulator_sharding(self, shape: Sequence[int]) -> NamedSharding:
         """[n, d, d] sums split by rows over all devices; vectors and scalars replicated."""
@@ -224,13 +236,9 @@ class ShardingPlan:
 
 
 @functools.lru_cache(maxsize=None)
-def _warn_if_batch_unsplit(plan: ShardingPlan, rows: int, rows_per_device: int) -> None:
-    ways = math.prod(plan.axis_sizes[a] for a in dict(plan.rules)["activation_batch"])
-    if rows // rows_per_device < ways:
-        logger.warning(
-            "batches of %d rows cannot be split %d ways over mesh axes %s, so %d devices repeat each "
-            "row's work; use a batch size that is a multiple of %d", rows, ways,
-            dict(plan.rules)["activation_batch"], ways * rows_per_device // rows, ways)
+def _warn_padded_rows(rows: int, ways: int, axes) -> None:  # once per shape, not once per batch
+    logger.warning("batches of %d rows are padded to %d to split %d ways over mesh axes %s; use a "
+                   "batch size that is a multiple of %d", rows, -(-rows // ways) * ways, ways, axes, ways)
 
 
 def constrain(x: jax.Array, plan: ShardingPlan | None, logical: Sequence[str | None]) -> jax.Array:

@@ -303,8 +303,8 @@ def gather_tokens(model, batches: Iterable, cut: Cut, buffer, *, include_pad: bo
         iterator = tqdm(list(batches), desc=f"tokens for cut {cut}", unit="batch")
     for batch in iterator:
         put = jnp.asarray if plan is None else plan.put_batch
-        m, y, l = map(to_host, step(state, put(batch.input_ids), put(batch.attention_mask)))
-        mask = np.asarray(batch.attention_mask, bool)
+        mask = np.asarray(batch.attention_mask) > 0
+        m, y, l = (to_host(a)[:len(mask)] for a in step(state, put(batch.input_ids), put(batch.attention_mask)))
         if include_pad:
             mask = np.broadcast_to(mask.any(-1, keepdims=True), mask.shape)
         buffer.add(m[mask], y[mask], l[mask])
