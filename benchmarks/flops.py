@@ -2,10 +2,11 @@
 
 Only matrix products are counted (2 FLOPs per multiply-add); norms, softmax, RoPE and elementwise
 work are left out, which is the usual convention and makes "fraction of matmul peak" meaningful.
-Attention is counted over the full T x T score matrix of a padded batch, because both our
-implementation and PyTorch's SDPA with a padding mask compute every entry (causality is a mask,
-not skipped work). Counts are over the shapes that run, pads included: ``real`` variants count real
-tokens only, for the work a pad-free implementation would need.
+Attention is counted over the score entries that are computed: PyTorch's SDPA with a padding mask
+computes the full T x T matrix (causality is a mask, not skipped work); ours computes queries in
+chunks, each against the keys up to its end (``models.modeling.causal_attention``, ``chunk``).
+Counts are over the shapes that run, pads included: ``real`` variants count real tokens only (full
+causal matrices), for the work a pad-free implementation would need.
 """
 from __future__ import annotations
 
@@ -33,19 +34,31 @@ def gram_flops_per_token(config) -> int:
     return 2 * config.hidden_size ** 2
 
 
-def forward_flops(config, shapes: Iterable[tuple[int, int]], *, depth: int, lm_head: bool) -> int:
-    """``depth`` blocks (plus the LM head if ``lm_head``) over batches of the given (B, T) shapes."""
+def attention_pairs(seq_len: int, chunk: int | None = None) -> int:
+    """(query, key) score entries computed for one row: all T x T, or with causal chunks of
+    ``chunk`` queries (rows of at least two chunks) the keys up to each chunk's end."""
+    if not chunk or seq_len < 2 * chunk:
+        return seq_len * seq_len
+    return sum((min(i + chunk, seq_len) - i) * min(i + chunk, seq_len) for i in range(0, seq_len, chunk))
+
+
+def forward_flops(config, shapes: Iterable[tuple[int, int]], *, depth: int, lm_head: bool,
+                  chunk: int | None = None) -> int:
+    """``depth`` blocks (plus the LM head if ``lm_head``) over batches of the given (B, T) shapes;
+    ``chunk`` as in ``attention_pairs``."""
+    h, hd = config.num_attention_heads, config.head_dim or config.hidden_size // config.num_attention_heads
     total = 0
     for b, t in shapes:
         per_token = depth * block_flops_per_token(config, t) + (head_flops_per_token(config) if lm_head else 0)
-        total += b * t * per_token
+        skipped = t * t - attention_pairs(t, chunk)  # 2 products (QK^T, PV) x 2 FLOPs x heads x head_dim each
+        total += b * t * per_token - b * depth * 4 * h * hd * skipped
     return total
 
 
-def statistics_flops(config, shapes, *, depth: int, num_products: int) -> dict:
+def statistics_flops(config, shapes, *, depth: int, num_products: int, chunk: int | None = None) -> dict:
     """Our statistics pass: ``depth`` blocks and ``num_products`` d x d sums per token, no LM head."""
     tokens = sum(b * t for b, t in shapes)
-    model = forward_flops(config, shapes, depth=depth, lm_head=False)
+    model = forward_flops(config, shapes, depth=depth, lm_head=False, chunk=chunk)
     sums = tokens * num_products * gram_flops_per_token(config)
     return {"model": model, "sums": sums, "total": model + sums}
 

@@ -110,15 +110,16 @@ def markdown(report: dict) -> str:
            f"{s['num_hidden_layers']}; ours: selection {s['selection']}, candidates {s['candidates']}, "
            f"dtype {s['dtype']}, sums {s['accum_dtype']}, pads {'counted' if s['include_pad'] else 'excluded'}; "
            f"baseline: angular selection, pads {'counted' if s['baseline_include_pad'] else 'excluded'} "
-           f"(official); ours: {s['repeats']} warm runs per solver, baseline: "
-           f"{s.get('baseline_repeats', s['repeats'])} runs.", "",
+           f"(official); ours: {s['repeats']} warm run(s) per solver, baseline: "
+           f"{s.get('baseline_repeats', s['repeats'])} run(s).", "",
            f"Command: `{report['command']}`"]
     if report.get("ours"):
         out += ["", "## Time per stage", ""]
         out += _stage_table(report)
         out += ["", "## FLOPs and matmul efficiency", "",
                 "Matmul FLOPs only, on the shapes that run (pads included; real tokens in parentheses). "
-                "Attention counts the full T×T scores on both sides.", ""]
+                "Attention counts the score entries computed: the full T×T matrix for PyTorch, the causal query "
+                "chunks for ours (`flops.attention_pairs`).", ""]
         out += _flops_table(report)
     if report.get("speedup"):
         out += ["", "## Ratios", ""]

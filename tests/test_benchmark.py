@@ -99,6 +99,13 @@ def test_flop_counts_follow_parameter_shapes():
     ours = flops.statistics_flops(config, shapes, depth=1, num_products=3)
     blocks = sum(b * t * flops.block_flops_per_token(config, t) for b, t in shapes)
     assert ours["total"] == blocks + 64 * 3 * 2 * 48 ** 2
+    # Our chunked causal attention (models.modeling.causal_attention) computes fewer score entries.
+    assert flops.attention_pairs(512, 64) == 512 * 512 * 9 // 16
+    assert flops.attention_pairs(130, 64) == 64 * 64 + 64 * 128 + 2 * 130
+    assert flops.attention_pairs(100, 64) == flops.attention_pairs(100) == 100 * 100
+    chunked = flops.statistics_flops(config, [(2, 128)], depth=1, num_products=0, chunk=64)
+    full = flops.statistics_flops(config, [(2, 128)], depth=1, num_products=0)
+    assert full["total"] - chunked["total"] == 2 * 4 * 4 * 16 * (128 * 128 - 64 * 64 - 64 * 128)
 
 
 @pytest.fixture(scope="module")
