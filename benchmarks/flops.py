@@ -46,7 +46,8 @@ def forward_flops(config, shapes: Iterable[tuple[int, int]], *, depth: int, lm_h
                   chunk: int | None = None) -> int:
     """``depth`` blocks (plus the LM head if ``lm_head``) over batches of the given (B, T) shapes;
     ``chunk`` as in ``attention_pairs``."""
-    h, hd = config.num_attention_heads, config.head_dim or config.hidden_size // config.num_attention_heads
+    h = config.num_attention_heads
+    hd = config.head_dim or config.hidden_size // h
     total = 0
     for b, t in shapes:
         per_token = depth * block_flops_per_token(config, t) + (head_flops_per_token(config) if lm_head else 0)

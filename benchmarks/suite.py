@@ -37,6 +37,10 @@ class SuiteOptions:
     workdir: str | None = None             # scratch (a temp dir inside it, removed at the end)
     command: str = ""
 
+    @property
+    def torch_repeats(self) -> int:
+        return self.baseline_repeats or self.repeats
+
 
 def quick_config(cfg):
     """The tiny setting of ``--quick``: 8 passages of <= 64 tokens, a short cosine run."""
@@ -73,7 +77,7 @@ def _settings(cfg, config, options: SuiteOptions) -> dict:
             "selection": cfg.selection, "candidates": cfg.candidates, "dtype": cfg.dtype,
             "accum_dtype": StatsRequest(accum_dtype=cfg.accum_dtype).resolved_accum_dtype(),
             "include_pad": bool(cfg.calibration.include_pad), "baseline_include_pad": options.baseline_include_pad,
-            "repeats": options.repeats, "baseline_repeats": options.baseline_repeats or options.repeats,
+            "repeats": options.repeats, "baseline_repeats": options.torch_repeats,
             "solvers": list(options.solvers), "cosine": cfg.cosine.to_dict()}
 
 
@@ -148,7 +152,7 @@ def _speed(report: dict, cfg, options: SuiteOptions, hf_dir: Path, tmp: Path) ->
     config = reference.model.config
 
     if options.baseline:
-        truns = speed.run_torch(cfg, hf_dir, repeats=options.baseline_repeats or options.repeats, workdir=tmp,
+        truns = speed.run_torch(cfg, hf_dir, repeats=options.torch_repeats, workdir=tmp,
                                 include_pad=options.baseline_include_pad, threads=options.threads)
         tsum = truns.summary()
         tflops = speed.count_torch_flops(config, truns)
