@@ -142,7 +142,7 @@ def test_selection_table_measures_distance_from_search():
     text = ablation.selection_markdown(rows)
     lines = [line for line in text.splitlines() if line.startswith("| ReplaceMe")]
     assert len(lines) == 2
-    assert "| angular | 20-24 | 17-21 | 30.00 | 24.00 | +6.00 | 0.400 | 0.450 | -0.050 |" in lines[0]
+    assert "| angular | 20-23 | 17-20 | 30.00 | 24.00 | +6.00 | 0.400 | 0.450 | -0.050 |" in lines[0]
     assert "+1.00" in lines[1] and "-0.010" in lines[1]
     md = ablation.results_markdown(rows)
     assert "| 4 | ReplaceMe lstsq (angular) | 20 21 22 23 | 30.00 | 3.00 | 0.400 | 80.0 |" in md

@@ -494,7 +494,8 @@ def _study_key(r: dict):
 
 
 def _cuts(r: dict) -> str:
-    return ",".join(f"{s}-{e}" for s, e in r.get("cuts", []))
+    # First and last removed block, inclusive, as the "Blocks removed" column lists them.
+    return ",".join(f"{s}-{e - 1}" for s, e in r.get("cuts", []))
 
 
 def plot_png(rows: list[dict]) -> bytes | None:
