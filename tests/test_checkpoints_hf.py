@@ -20,6 +20,7 @@ from replaceme_jax.checkpoints.keymap import abstract_model, param_items
 from replaceme_jax.errors import ReplaceMeError
 from replaceme_jax.models.config import ModelConfig
 from replaceme_jax.models.modeling import CausalLM
+from tiny_models import word_tokenizer
 
 SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
@@ -336,22 +337,12 @@ def test_error_index_names_tensor_missing_from_shard(small_model, tmp_path):
 
 
 def test_load_copies_tokenizer(hf_dir, tmp_path):
-    tokenizer = _tiny_tokenizer()
+    tokenizer = word_tokenizer(20)
     out = save_hf(load_hf(hf_dir)[0], tmp_path / "with_tok", tokenizer=tokenizer)
     _, loaded = load_hf(out)
     text = "w1 w2 w3 w7"
     assert loaded.encode(text) == tokenizer.encode(text)
     assert loaded.eos_token == "</s>"
-
-
-def _tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(20)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
-                                                bos_token="<s>", eos_token="</s>")
 
 
 def test_place_is_forwarded(hf_dir):

@@ -14,6 +14,7 @@ from replaceme_jax.checkpoints.orbax_io import read_orbax_metadata, restore_orba
 from replaceme_jax.checkpoints.registry import checkpoint_kind
 from replaceme_jax.errors import ReplaceMeError
 from replaceme_jax.models.config import ModelConfig
+from tiny_models import word_tokenizer
 
 SMALL = dict(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
              num_attention_heads=4, num_key_value_heads=2, head_dim=16)
@@ -45,16 +46,6 @@ def _assert_bit_identical(a, b):
         np.testing.assert_array_equal(pa[k].view(np.uint8), pb[k].view(np.uint8), err_msg=str(k))
 
 
-def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(30)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
-                                                bos_token="<s>", eos_token="</s>")
-
-
 @pytest.fixture(scope="module")
 def model():
     return _model(_config())
@@ -66,7 +57,7 @@ def checkpoint(model, tmp_path):
 
 
 def test_round_trip_is_bit_identical(model, tmp_path):
-    tokenizer = _tokenizer()
+    tokenizer = word_tokenizer()
     path = save_orbax(model, tmp_path / "ckpt", tokenizer=tokenizer, metadata={"cut": [4, 8]})
     assert checkpoint_kind(str(path)) == "orbax"
     restored, restored_tok = restore_orbax(path)

@@ -15,6 +15,7 @@ from replaceme_jax.checkpoints import load_pretrained
 from replaceme_jax.checkpoints.hf import load_hf, save_hf
 from replaceme_jax.checkpoints.keymap import abstract_model, param_items
 from replaceme_jax.models.config import ModelConfig
+from tiny_models import word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "convert_checkpoint.py"
@@ -31,16 +32,6 @@ def _finish(proc):
     return proc.returncode, out, err
 
 
-def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(30)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
-                                                bos_token="<s>", eos_token="</s>")
-
-
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     hf = json.loads(transformers.LlamaConfig(
@@ -50,7 +41,7 @@ def hf_dir(tmp_path_factory):
     rng = np.random.RandomState(0)
     for _, var in param_items(model):
         var.set_value(jax.numpy.asarray(rng.randn(*var.shape), var.dtype))
-    return save_hf(model, tmp_path_factory.mktemp("src") / "hf", tokenizer=_tokenizer())
+    return save_hf(model, tmp_path_factory.mktemp("src") / "hf", tokenizer=word_tokenizer())
 
 
 def _params(model):

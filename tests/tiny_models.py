@@ -1,6 +1,7 @@
-"""Small random-weight Llama models for the evaluation tests (norm weights near 1, small kernels)."""
+"""Small random-weight Llama models (norm weights near 1, small kernels) and a word-level tokenizer."""
 import jax
 import numpy as np
+import transformers
 
 from replaceme_jax.checkpoints.keymap import abstract_model, param_items
 from replaceme_jax.models.config import ModelConfig
@@ -19,3 +20,14 @@ def random_tiny_llama(vocab_size: int, seed: int = 0, **overrides):
         value = (0.5 + rng.rand(*shape)) if "norm" in str(path) else 0.15 * rng.randn(*shape)
         var.value = jax.numpy.asarray(value, np.float32)
     return model
+
+
+def word_tokenizer(num_words: int = 30) -> transformers.PreTrainedTokenizerFast:
+    """Whitespace word-level tokenizer over <unk>, <s>, </s>, w0 .. w{num_words-1} (ids 0, 1, 2, 3 ..)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(num_words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
+                                                bos_token="<s>", eos_token="</s>")
