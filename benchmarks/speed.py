@@ -22,7 +22,7 @@ import numpy as np
 
 from benchmarks import flops
 from replaceme_jax.data.batching import segment_lengths
-from replaceme_jax.models.modeling import _ATTENTION_CHUNK
+from replaceme_jax.models.modeling import ATTENTION_CHUNK
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ def count_our_flops(config, cfg, result, batches) -> dict:
         depth, products = req.depth(num_blocks), len(req.anchors) + len(req.cuts)
         out["passes"].append({"depth": depth, "anchors": len(req.anchors), "cuts": len(req.cuts),
                               "distances": bool(req.max_distance_blocks), "accum_dtype": req.resolved_accum_dtype()})
-        for key, sh, chunk in (("padded", shapes, _ATTENTION_CHUNK), ("real", lengths, None)):
+        for key, sh, chunk in (("padded", shapes, ATTENTION_CHUNK), ("real", lengths, None)):
             part = flops.statistics_flops(config, sh, depth=depth, num_products=products, chunk=chunk)
             out[key] = {k: out[key][k] + part[k] for k in part}
     return out

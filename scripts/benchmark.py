@@ -65,7 +65,8 @@ def main(argv) -> int:
     except ValueError as e:
         raise ReplaceMeError(f"--memory_multipliers must be integers, got {_MEM_MULT.value}") from e
     options = dict(speed=_SPEED.value, repeats=_REPEATS.value, solvers=tuple(_SOLVERS.value),
-                   baseline=_BASELINE.value, baseline_repeats=_BASELINE_REPEATS.value, baseline_include_pad=_BASELINE_PAD.value, threads=_THREADS.value,
+                   baseline=_BASELINE.value, baseline_repeats=_BASELINE_REPEATS.value,
+                   baseline_include_pad=_BASELINE_PAD.value, threads=_THREADS.value,
                    quality=_QUALITY.value, ppl_windows=_PPL_WINDOWS.value, peak_n=_PEAK_N.value, memory=_MEMORY.value,
                    memory_base_samples=_MEM_BASE.value, memory_multipliers=multipliers,
                    workdir=_WORKDIR.value, command=" ".join(["python", "scripts/benchmark.py", *sys.argv[1:]]))

@@ -24,7 +24,7 @@ def _mask(kind: str, b: int, t: int) -> np.ndarray:
 @pytest.mark.parametrize("kind", ["full", "right", "left", "packed", "window"])
 @pytest.mark.parametrize("t", [256, 300])
 def test_causal_split_equals_plain_attention(kind, t):
-    assert t >= 2 * modeling._ATTENTION_CHUNK  # the chunked path runs
+    assert t >= 2 * modeling.ATTENTION_CHUNK  # the chunked path runs
     rng = np.random.default_rng(t)
     b, kv, g, d = 2, 2, 3, 16
     q = jnp.asarray(rng.standard_normal((b, kv, g, t, d)), jnp.float32)
@@ -40,7 +40,7 @@ def test_causal_split_equals_plain_attention(kind, t):
 
 def test_short_or_odd_rows_take_the_plain_path():
     rng = np.random.default_rng(0)
-    for t in (2 * modeling._ATTENTION_CHUNK - 2, modeling._ATTENTION_CHUNK + 1):
+    for t in (2 * modeling.ATTENTION_CHUNK - 2, modeling.ATTENTION_CHUNK + 1):
         q = jnp.asarray(rng.standard_normal((1, 1, 2, t, 8)), jnp.float32)
         k = v = jnp.asarray(rng.standard_normal((1, 1, t, 8)), jnp.float32)
         bias = attention_bias(jnp.ones((1, t), jnp.int32))

@@ -22,7 +22,7 @@ from flax import nnx
 from replaceme_jax.models.config import ModelConfig
 
 _MASK_VALUE = float(np.finfo(np.float32).min)
-_ATTENTION_CHUNK = 64  # query rows per block of the causal attention (see causal_attention)
+ATTENTION_CHUNK = 64  # query rows per block of the causal attention (see causal_attention)
 
 
 def _dtype(name: str):
@@ -132,10 +132,10 @@ def _attend(q, k, v, bias):
 
 def causal_attention(q, k, v, bias, chunk: int | None = None):
     """``_attend`` for a causal ``bias`` (as ``attention_bias`` makes), skipping the all-masked
-    blocks of the score matrix: queries in chunks of ``chunk`` (default ``_ATTENTION_CHUNK``), each
+    blocks of the score matrix: queries in chunks of ``chunk`` (default ``ATTENTION_CHUNK``), each
     against the keys up to its end. With c chunks a row runs (c + 1) / 2c of the attention FLOPs
     (9/16 at 512 tokens); rows shorter than two chunks run whole. Same results."""
-    chunk = chunk or _ATTENTION_CHUNK
+    chunk = chunk or ATTENTION_CHUNK
     t = q.shape[3]
     if t < 2 * chunk or k.shape[2] != t:
         return _attend(q, k, v, bias)
