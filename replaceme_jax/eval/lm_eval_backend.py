@@ -4,9 +4,10 @@ Request handling mirrors the harness's own Hugging Face backend (``--model hf``)
 the same numbers on the same checkpoint: the same context/continuation tokenisation (inherited
 from ``TemplateLM``), the same left truncation to ``max_length + 1`` tokens, the same rolling
 windows for ``loglikelihood_rolling``, and greedy ``generate_until`` with the same stop handling.
-What differs is execution: rows are padded to a few bucket lengths so ``jax.jit`` compiles a
-bounded number of shapes (see ``scoring.TokenScorer``), and requests whose model input is
-identical (e.g. the four one-token answers "A".."D" of an MMLU question) share one row.
+What differs is execution (see ``scoring.TokenScorer``): the context of a multiple-choice item
+runs once with every answer attending to it, several items share a row, the LM head runs only
+where a token is scored, and rows come in a few widths so ``jax.jit`` compiles a bounded number of
+shapes. With ``cache_dir`` every finished request is kept on disk, so an interrupted run resumes.
 
 Python::
 
@@ -34,6 +35,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from replaceme_jax.errors import ReplaceMeError
+from replaceme_jax.eval.request_cache import RequestCache, model_fingerprint, request_key
 from replaceme_jax.eval.scoring import TokenScorer
 
 DEFAULT_MAX_BATCH_SIZE = 64
@@ -81,6 +83,9 @@ class ReplaceMeJaxLM(TemplateLM):
       add_bos_token: force (True) or suppress (False) the tokenizer's special tokens; None keeps
         the tokenizer's default, as the HF backend does.
       dtype, param_dtype: compute / parameter dtype when loading ``pretrained``.
+      cache_dir: directory of the per-request result cache (see ``request_cache``): requests
+        scored before by the same model are read back, new ones are added as they finish, so an
+        interrupted evaluation resumes. None: no cache.
       device: accepted because the harness always passes it; JAX uses its default device.
     """
 
@@ -88,7 +93,8 @@ class ReplaceMeJaxLM(TemplateLM):
                  max_length: int | None = None, batch_size: int | str | None = None,
                  max_batch_size: int | None = None, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
                  max_gen_toks: int = 256, add_bos_token: bool | None = None,
-                 dtype: str | None = None, param_dtype: str | None = None, device: str | None = None):
+                 dtype: str | None = None, param_dtype: str | None = None, cache_dir: str | None = None,
+                 device: str | None = None):
         super().__init__()
         if model is None:
             if pretrained is None:
@@ -115,6 +121,8 @@ class ReplaceMeJaxLM(TemplateLM):
         self.scorer = TokenScorer(model, max_length=self._max_length,
                                   max_batch_tokens=int(max_batch_tokens), max_batch_size=int(rows))
         self._graphdef, self._state = nnx.split(model)
+        self.cache = RequestCache(cache_dir, model_fingerprint(model)) if cache_dir else None
+        self.cache_hits = 0
 
     # ------------------------------------------------------------------ harness plumbing
     @property
@@ -158,9 +166,7 @@ class ReplaceMeJaxLM(TemplateLM):
     # ------------------------------------------------------------------ log-likelihoods
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """(sum of continuation log-probs, continuation is greedy) per (ctx, ctx_enc, cont_enc)."""
-        row_of: dict[tuple[int, ...], int] = {}
-        rows: list[tuple[int, ...]] = []
-        placed = []  # (row index, continuation tokens) per request
+        pairs = []
         for _, context_enc, continuation_enc in requests:
             if not context_enc or not continuation_enc:
                 raise ReplaceMeError("a loglikelihood request has an empty context or continuation "
@@ -169,32 +175,35 @@ class ReplaceMeJaxLM(TemplateLM):
                 raise ReplaceMeError(f"a continuation of {len(continuation_enc)} tokens exceeds "
                                      f"max_length={self.max_length}; raise max_length in --model_args")
             # Left truncation as in the HF backend: keep the last max_length+1 tokens, feed all but
-            # the last. Requests with the same model input share one row.
-            row = tuple((context_enc + continuation_enc)[-(self.max_length + 1):][:-1])
-            if row not in row_of:
-                row_of[row] = len(rows)
-                rows.append(row)
-            placed.append((row_of[row], continuation_enc))
-        by_row: dict[int, list[int]] = {}
-        for k, (r, _) in enumerate(placed):
-            by_row.setdefault(r, []).append(k)
+            # the last; what is left of the context conditions the continuation.
+            kept = (context_enc + continuation_enc)[-(self.max_length + 1):]
+            pairs.append((tuple(kept[:-len(continuation_enc)]), tuple(continuation_enc)))
         results: list[tuple[float, bool] | None] = [None] * len(requests)
+        todo = list(range(len(pairs)))
+        keys = None
+        if self.cache is not None:
+            keys = [request_key(*p) for p in pairs]
+            todo = []
+            for k, key in enumerate(keys):
+                hit = self.cache.get(key)
+                if hit is None:
+                    todo.append(k)
+                else:
+                    results[k] = hit
+            self.cache_hits += len(pairs) - len(todo)
+
+        def finished(indices, logprobs, greedy):
+            if self.cache is not None:
+                self.cache.put([keys[todo[i]] for i in indices], logprobs, greedy)
+
         desc = None if disable_tqdm else "replaceme-jax loglikelihood"
-        for batch in self.scorer.score(rows, with_last=True, progress=desc):
-            for j, r in enumerate(batch.indices):
-                n = len(rows[r])
-                for k in by_row[r]:
-                    cont = placed[k][1]
-                    # Continuation tokens sit at input positions n-len(cont) .. n-1: all but the
-                    # last are inside the row (next_logprob), the last is scored from last_logprob.
-                    lo, hi = n - len(cont), n - 1
-                    logprob = float(np.sum(batch.next_logprob[j, lo:hi], dtype=np.float64)
-                                    + batch.last_logprob[j, cont[-1]])
-                    greedy = bool(np.all(batch.next_greedy[j, lo:hi])
-                                  and int(np.argmax(batch.last_logprob[j])) == cont[-1])
-                    results[k] = (logprob, greedy)
-                    if requests[k][0] is not None:
-                        self.cache_hook.add_partial("loglikelihood", requests[k][0], results[k])
+        logprob, greedy = self.scorer.score_pairs([pairs[k] for k in todo], progress=desc,
+                                                  on_done=finished)
+        for i, k in enumerate(todo):
+            results[k] = (float(logprob[i]), bool(greedy[i]))
+        for k, req in enumerate(requests):
+            if req[0] is not None:
+                self.cache_hook.add_partial("loglikelihood", req[0], results[k])
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:

@@ -114,13 +114,9 @@ def perplexity(model, tokenizer_or_token_ids, texts: Sequence[str] | None = None
         spans = spans[:max_windows]
     scorer = TokenScorer(model, max_length=window, max_batch_tokens=batch_size * window,
                          max_batch_size=batch_size, buckets=(window,))
-    total, count = 0.0, 0
-    for batch in scorer.score([ids[b:e] for b, e, _ in spans]):
-        for j, i in enumerate(batch.indices):
-            begin, end, first = spans[i]
-            # next_logprob[t] scores token begin+t+1.
-            total -= float(np.sum(batch.next_logprob[j, first - begin - 1:end - begin - 1], dtype=np.float64))
-            count += end - first
+    logprob, _ = scorer.score_pairs([(ids[b:first], ids[first:e]) for b, e, first in spans])
+    total = -float(np.sum(logprob))
+    count = sum(e - first for _, e, first in spans)
     nll = total / count
     return PerplexityResult(ppl=math.exp(nll), nll=nll, num_tokens=count, num_windows=len(spans),
                             window=window, stride=window if stride is None else stride,

@@ -1,0 +1,130 @@
+"""The packed scorer (shared contexts, several items per row, head at scored positions only)
+against a plain forward of each (context + continuation) row alone, in float64 numpy."""
+import jax
+import numpy as np
+import pytest
+
+from replaceme_jax.checkpoints.keymap import abstract_model, param_items
+from replaceme_jax.errors import ReplaceMeError
+from replaceme_jax.eval.scoring import TokenScorer
+from replaceme_jax.models.config import ModelConfig
+
+VOCAB = 97
+BASE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+FAMILIES = {
+    "llama": dict(model_type="llama", tie_word_embeddings=True),
+    "mistral-window": dict(model_type="mistral", sliding_window=5, tie_word_embeddings=False),
+    "qwen2-bias": dict(model_type="qwen2", tie_word_embeddings=True),
+    "qwen3-qknorm": dict(model_type="qwen3", head_dim=16, tie_word_embeddings=True),
+    "llama3-rope": dict(model_type="llama", rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}),
+}
+
+
+def _model(family, seed=0):
+    model = abstract_model(ModelConfig.from_hf_config({**BASE, **FAMILIES[family]}))
+    rng = np.random.RandomState(seed)
+    for path, var in param_items(model):
+        shape = var.value.shape
+        value = (0.5 + rng.rand(*shape)) if "norm" in str(path) else 0.2 * rng.randn(*shape)
+        var.value = jax.numpy.asarray(value, np.float32)
+    return model
+
+
+def _reference(model, pairs):
+    """log p(cont | ctx) and greedy flag per pair, each its own right-padded row of one plain
+    forward, log-softmax in float64."""
+    width = max(len(c) + len(k) - 1 for c, k in pairs)
+    ids = np.zeros((len(pairs), width), np.int32)
+    mask = np.zeros((len(pairs), width), np.int32)
+    for r, (ctx, cont) in enumerate(pairs):
+        row = list(ctx) + list(cont[:-1])
+        ids[r, :len(row)], mask[r, :len(row)] = row, 1
+    logits = np.asarray(model(ids, mask), np.float64)
+    top = logits.max(-1, keepdims=True)
+    logp = logits - top - np.log(np.sum(np.exp(logits - top), -1, keepdims=True))
+    out = []
+    for r, (ctx, cont) in enumerate(pairs):
+        at = np.arange(len(ctx) - 1, len(ctx) + len(cont) - 1)
+        out.append((float(np.sum(logp[r, at, cont])),
+                    bool(np.all(np.argmax(logits[r, at], -1) == np.asarray(cont)))))
+    return out
+
+
+def _pairs(seed=0, n_items=12):
+    """Multiple-choice-like items (a context with 1-4 continuations), duplicates, one-token answers."""
+    rng = np.random.RandomState(seed)
+    pairs = []
+    for _ in range(n_items):
+        ctx = tuple(rng.randint(3, VOCAB, rng.randint(1, 40)))
+        for _ in range(rng.randint(1, 5)):
+            pairs.append((ctx, tuple(rng.randint(3, VOCAB, rng.randint(1, 9)))))
+    pairs.append(pairs[0])                                  # an exact duplicate
+    pairs += [(pairs[1][0], (7,)), (pairs[1][0], (8,))]      # one-token answers on a shared context
+    return pairs
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_packed_scores_equal_one_row_per_pair(family):
+    model = _model(family)
+    pairs = _pairs()
+    scorer = TokenScorer(model, max_length=128, max_batch_tokens=256, max_batch_size=8)
+    logprob, greedy = scorer.score_pairs(pairs)
+    for (ctx, cont), lp, g, (ref_lp, ref_g) in zip(pairs, logprob, greedy, _reference(model, pairs)):
+        assert abs(lp - ref_lp) < 1e-4 * max(1.0, len(cont)), (family, len(ctx), len(cont), lp, ref_lp)
+        assert g == ref_g
+    # Several items shared each row, and every context ran once.
+    distinct_ctx = {ctx for ctx, _ in pairs}
+    fed = sum(len(c) for c in distinct_ctx) + sum(len(cont) - 1 for _, cont in set(pairs))
+    assert scorer.tokens_fed == fed
+    assert len(scorer.shapes) < len(distinct_ctx)
+
+
+def test_greedy_continuation_is_flagged():
+    model = _model("llama")
+    ctx = (5, 9, 11, 4)
+    cont = []
+    row = list(ctx)
+    for _ in range(3):  # the model's own greedy continuation
+        nxt = int(np.argmax(np.asarray(model(np.asarray([row], np.int32)))[0, -1]))
+        cont.append(nxt)
+        row.append(nxt)
+    scorer = TokenScorer(model, max_length=64)
+    _, greedy = scorer.score_pairs([(ctx, tuple(cont)), (ctx, tuple(cont[:2]) + ((cont[2] + 1) % VOCAB,))])
+    assert greedy.tolist() == [True, False]
+
+
+def test_little_padding_on_short_items():
+    model = _model("llama")
+    pairs = _pairs(seed=1, n_items=200)
+    scorer = TokenScorer(model, max_length=256, max_batch_tokens=2048, max_batch_size=16)
+    scorer.score_pairs(pairs)
+    assert scorer.positions_run < 1.25 * scorer.tokens_fed, (scorer.positions_run, scorer.tokens_fed)
+
+
+def test_long_item_split_and_max_length():
+    model = _model("qwen2-bias")
+    ctx = tuple(range(3, 33))
+    conts = [tuple([10 + i] * 12) for i in range(6)]    # 30 + 6 * 11 > 48: split over items
+    scorer = TokenScorer(model, max_length=48)
+    logprob, _ = scorer.score_pairs([(ctx, c) for c in conts])
+    for lp, (ref, _) in zip(logprob, _reference(model, [(ctx, c) for c in conts])):
+        assert abs(lp - ref) < 1e-3
+    with pytest.raises(ReplaceMeError, match="exceeds max_length"):
+        scorer.score_pairs([(tuple(range(3, 43)), tuple([5] * 10))])
+    with pytest.raises(ReplaceMeError, match="empty"):
+        scorer.score_pairs([((), (5,))])
+
+
+def test_on_done_reports_every_pair_once():
+    model = _model("llama")
+    pairs = _pairs(seed=2)
+    seen = []
+    scorer = TokenScorer(model, max_length=128, max_batch_tokens=128, max_batch_size=2)
+    logprob, _ = scorer.score_pairs(pairs, on_done=lambda i, lp, g: seen.extend(zip(i.tolist(), lp)))
+    assert sorted(i for i, _ in seen) == list(range(len(pairs)))
+    for i, lp in seen:
+        assert lp == logprob[i]
