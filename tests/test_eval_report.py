@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from replaceme_jax.errors import ReplaceMeError
@@ -52,8 +53,45 @@ def test_paper_table_metrics_avg_and_percent_of_dense():
     assert cells[9:] == ["0.100", "400.00", "55.50"]
     assert [c.strip() for c in dense_row.strip("|").split("|")][8] == "100.0"
     text = report.format_report(results)
-    assert "RACE is not in this run" in text and "WinoGrande 5-shot" in text and "first 10 documents" in text
+    assert "RACE is not in this run" in text and "WinoGrande 5-shot" in text and "10 documents per task" in text
     assert report.extra_table(results) is None
+
+
+def _with_items(seed=0, n=400):
+    """Synthetic results with per-item 0/1 scores: the pruned model is 0.1 worse on BoolQ only."""
+    rng = np.random.default_rng(seed)
+    results = _synthetic()
+    results["tasks"] = ["boolq", "piqa"]
+    for name, rec in results["models"].items():
+        rec["items"] = {}
+    for task, metric, gap in (("boolq", "acc", 0.1), ("piqa", "acc_norm", 0.0)):
+        dense = (rng.random(n) < 0.7).astype(float)
+        pruned = dense.copy()
+        flip = rng.choice(np.flatnonzero(dense), int(gap * n), replace=False)
+        pruned[flip] = 0.0
+        ids = [f"t:{i}" for i in range(n)]
+        for name, vals in (("dense", dense), ("pruned", pruned)):
+            rec = results["models"][name]
+            rec["tasks"][task] = {metric: float(vals.mean()), "n": n, "num_fewshot": 0}
+            rec["items"][task] = {"ids": ids, metric: vals.tolist()}
+    return results
+
+
+def test_paired_intervals():
+    results = _with_items()
+    iv = report.paired_intervals(results, iters=2000)["pruned"]
+    boolq, piqa = iv["tasks"]["boolq"], iv["tasks"]["piqa"]
+    assert boolq["diff"] == pytest.approx(-0.1) and boolq["ci"][0] < -0.1 < boolq["ci"][1] < 0
+    assert piqa["diff"] == 0 and piqa["ci"] == [0.0, 0.0]  # identical answers: no spread
+    dense_avg = np.mean([results["models"]["dense"]["tasks"][t][report.TASKS[t].metric] for t in ("boolq", "piqa")])
+    pruned_avg = np.mean([results["models"]["pruned"]["tasks"][t][report.TASKS[t].metric] for t in ("boolq", "piqa")])
+    r = iv["retention"]
+    assert r["value"] == pytest.approx(100 * pruned_avg / dense_avg) and r["ci"][0] < r["value"] < r["ci"][1] < 100
+    # Reproducible from the saved per-item results: same seed, same numbers; unpaired items dropped.
+    assert report.paired_intervals(json.loads(json.dumps(results)), iters=2000)["pruned"] == iv
+    results["intervals"] = {"pruned": iv}
+    text = report.format_report(results)
+    assert "paired bootstrap" in text and f"{boolq['diff']:+.3f} [{boolq['ci'][0]:+.3f}" in text
 
 
 def test_chart_is_a_png():
@@ -74,7 +112,13 @@ def test_evaluate_models_end_to_end(smollm2, tmp_path):
         direct = perplexity(model, tokenize_corpus(tokenizer, TEXTS), window=32, max_windows=2)
         assert rec["heldout_ppl"]["ppl"] == pytest.approx(direct.ppl, rel=1e-6)
     assert sorted(os.listdir(out)) == ["report.md", "results.json", "tasks.png"]
-    assert json.loads((out / "results.json").read_text())["models"]["pruned"]["num_layers"] == 2
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["models"]["pruned"]["num_layers"] == 2
+    # The same seeded random documents for both models, kept per item for the intervals.
+    ids = saved["models"]["dense"]["items"]["piqa"]["ids"]
+    assert ids == saved["models"]["pruned"]["items"]["piqa"]["ids"] and len(ids) == 3
+    assert ids != ["rmj_piqa:0", "rmj_piqa:1", "rmj_piqa:2"]
+    assert saved["intervals"] == report.paired_intervals(saved)
     md = (out / "report.md").read_text()
     assert "| dense | 2 |" in md and "PIQA (acc_norm)" in md and "100.0" in md
     with pytest.raises(ReplaceMeError, match="already holds files"):
@@ -98,6 +142,20 @@ def test_evaluate_models_end_to_end(smollm2, tmp_path):
 def test_evaluate_models_bad_input(kw, match):
     with pytest.raises(ReplaceMeError, match=match):
         evaluate_models([("a", "smollm2-135m")], **kw)
+
+
+def test_item_samples_are_seeded_and_shared():
+    from replaceme_jax.eval.harness import item_samples
+    from replaceme_jax.eval.tasks import TASKS, task_manager
+    manager = task_manager()
+    a = item_samples(TASKS["boolq"], manager, 50, seed=1234)
+    assert a == item_samples(TASKS["boolq"], manager, 50, seed=1234)
+    assert a != item_samples(TASKS["boolq"], manager, 50, seed=7)
+    [docs] = a.values()
+    assert len(docs) == 50 == len(set(docs)) and docs != list(range(50)) and max(docs) > 1000
+    assert item_samples(TASKS["sciq"], manager, 10**6, seed=0) == {"rmj_sciq": list(range(1000))}
+    mmlu = item_samples(TASKS["mmlu"], manager, 5, seed=0)
+    assert len(mmlu) == 57 and all(len(v) == 5 for v in mmlu.values())
 
 
 def test_evaluate_models_duplicate_names():

@@ -8,7 +8,10 @@ each gets its own timing, then scores held-out Wikipedia perplexity, and writes 
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import Sequence
+
+import numpy as np
 
 from replaceme_jax.errors import ReplaceMeError
 from replaceme_jax.eval.perplexity import DEFAULT_WINDOW, perplexity, tokenize_corpus
@@ -52,6 +55,40 @@ def _check_tasks_available(specs: Sequence[TaskSpec], manager) -> None:
                 "offline preset 'paper' leaves it out) or run with hub access") from e
 
 
+def item_samples(spec: TaskSpec, manager, limit: int | None, seed: int) -> dict[str, list[int]]:
+    """Documents to score per harness task: a seeded random subset of ``limit`` per task (per MMLU
+    subject), or all. It depends only on the task, its size and the seed, so every model scores
+    the same items, and a task's first N documents (often sorted or one-sided) are not favoured."""
+    from lm_eval.tasks import get_task_dict
+
+    def leaves(tree):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                yield from leaves(value)
+            else:
+                yield value
+
+    out = {}
+    for task in leaves(get_task_dict([spec.harness_name], manager)):
+        name, n = task.config.task, len(task.eval_docs)
+        if limit is None or limit >= n:
+            out[name] = list(range(n))
+        else:
+            rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+            out[name] = sorted(int(i) for i in rng.choice(n, size=limit, replace=False))
+    return out
+
+
+def _item_scores(res: dict, spec: TaskSpec) -> dict:
+    """Per-document values of the task's metric, keyed 'subtask:doc_id' (for paired intervals)."""
+    ids, values = [], []
+    for task, samples in sorted(res["samples"].items()):
+        for sample in sorted(samples, key=lambda x: x["doc_id"]):
+            ids.append(f"{task}:{sample['doc_id']}")
+            values.append(float(sample[spec.metric]))
+    return {"ids": ids, spec.metric: values}
+
+
 def _task_metrics(res: dict, spec: TaskSpec) -> dict:
     raw = res["results"][spec.harness_name]
     metrics = {k.split(",")[0]: float(v) for k, v in raw.items()
@@ -60,6 +97,10 @@ def _task_metrics(res: dict, spec: TaskSpec) -> dict:
         raise ReplaceMeError(f"task {spec.name}: the harness returned no {spec.metric!r} (got {sorted(metrics)})")
     metrics["n"] = int(sum(v["effective"] for v in res["n-samples"].values()))
     metrics["num_fewshot"] = int(max(res["n-shot"].values(), default=0))
+    values = np.asarray(_item_scores(res, spec)[spec.metric])
+    # Standard error of the mean over items (the harness's own stderr needs its bootstrap).
+    metrics[f"{spec.metric}_stderr"] = (float(values.std(ddof=1) / np.sqrt(values.size))
+                                        if values.size > 1 else float("nan"))
     return metrics
 
 
@@ -68,7 +109,7 @@ def evaluate_models(models, *, tasks: str | Sequence[str] = "paper", limit: int 
                     ppl_window: int = DEFAULT_WINDOW, ppl_stride: int | None = None,
                     ppl_texts: Sequence[str] | None = None, dense: str | None = None,
                     batch_size: int = 64, max_batch_tokens: int = 4096, max_length: int | None = None,
-                    output_dir=None, overwrite: bool = False) -> dict:
+                    seed: int = 1234, cache_dir=None, output_dir=None, overwrite: bool = False) -> dict:
     """Evaluate each model on ``tasks`` (+ held-out perplexity); return the JSON-able results.
 
     Args:
@@ -76,7 +117,11 @@ def evaluate_models(models, *, tasks: str | Sequence[str] = "paper", limit: int 
         dict name -> path / (model, tokenizer), or bare paths).
       tasks: presets ('paper', 'extra', 'all', 'paper_with_race', 'none') and/or task names,
         comma-separated.
-      limit: score only the first ``limit`` documents of each task (each MMLU subject).
+      limit: score ``limit`` documents of each task (each MMLU subject), drawn at random with
+        ``seed`` (the same documents for every model); None: every document.
+      seed: seed of that draw.
+      cache_dir: per-request result cache (``request_cache``); a rerun after an interruption
+        scores only what is missing. None: no cache.
       heldout_ppl, ppl_windows, ppl_window, ppl_stride, ppl_texts: held-out perplexity settings
         (default corpus: the Wikipedia excerpt; ppl_windows=None scores every window).
       dense: name of the reference model for "% of dense" (default: the first model).
@@ -103,10 +148,11 @@ def evaluate_models(models, *, tasks: str | Sequence[str] = "paper", limit: int 
     if specs:  # the harness (an optional dependency) is only needed for tasks
         manager = task_manager(specs)
         _check_tasks_available(specs, manager)
+        samples = {spec.name: item_samples(spec, manager, limit, seed) for spec in specs}
 
     from replaceme_jax.models.modeling import num_parameters
 
-    results = {"tasks": [s.name for s in specs], "limit": limit, "dense": dense,
+    results = {"tasks": [s.name for s in specs], "limit": limit, "seed": seed, "dense": dense,
                "heldout": None, "models": {}}
     # Corpus token ids per tokenizer object (pruned models share the dense one); the tokenizer is
     # kept in the value so its id() cannot be reused by another tokenizer.
@@ -121,19 +167,21 @@ def evaluate_models(models, *, tasks: str | Sequence[str] = "paper", limit: int 
             model, tokenizer = entry[1], entry[2]
             source = "in-process"
         record = {"source": source, "num_layers": model.config.num_hidden_layers,
-                  "num_parameters": num_parameters(model), "tasks": {}, "seconds": {}}
+                  "num_parameters": num_parameters(model), "tasks": {}, "items": {}, "seconds": {}}
         if specs:
             import lm_eval
 
             from replaceme_jax.eval.lm_eval_backend import ReplaceMeJaxLM
             lm = ReplaceMeJaxLM(model=model, tokenizer=tokenizer, batch_size=batch_size,
-                                max_batch_tokens=max_batch_tokens, max_length=max_length)
+                                max_batch_tokens=max_batch_tokens, max_length=max_length,
+                                cache_dir=None if cache_dir is None else str(cache_dir))
         for spec in specs:
             t0 = time.perf_counter()
             res = lm_eval.simple_evaluate(model=lm, tasks=[spec.harness_name], task_manager=manager,
-                                          limit=limit, bootstrap_iters=0, log_samples=False,
-                                          verbosity="ERROR")
+                                          samples=samples[spec.name], bootstrap_iters=0,
+                                          log_samples=True, verbosity="ERROR")
             record["tasks"][spec.name] = _task_metrics(res, spec)
+            record["items"][spec.name] = _item_scores(res, spec)
             record["seconds"][spec.name] = round(time.perf_counter() - t0, 1)
         if heldout_ppl:
             t0 = time.perf_counter()
@@ -149,6 +197,9 @@ def evaluate_models(models, *, tasks: str | Sequence[str] = "paper", limit: int 
             results["heldout"] = {k: ppl[k] for k in ("window", "stride", "num_windows", "num_tokens")}
         record["seconds"]["total"] = round(time.perf_counter() - started, 1)
         results["models"][name] = record
+    if specs and len(entries) > 1:
+        from replaceme_jax.eval.report import paired_intervals
+        results["intervals"] = paired_intervals(results)
     if output_dir is not None:
         from replaceme_jax.eval.report import write_outputs
         write_outputs(results, output_dir, overwrite=overwrite)

@@ -11,6 +11,8 @@ import io
 import math
 from pathlib import Path
 
+import numpy as np
+
 from replaceme_jax.eval.tasks import AVG_ACC_TASKS, PRESETS, TASKS
 from replaceme_jax.io_utils import atomic_output_dir, atomic_write_json
 
@@ -24,6 +26,69 @@ def avg_acc(record: dict) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
+BOOTSTRAP_ITERS = 10_000
+BOOTSTRAP_SEED = 0
+
+
+def _paired_items(dense: dict, rec: dict, task: str, metric: str):
+    """(dense values, model values) on the documents both scored, in the same order."""
+    a, b = dense.get("items", {}).get(task), rec.get("items", {}).get(task)
+    if not a or not b:
+        return None
+    index = {k: i for i, k in enumerate(b["ids"])}
+    common = [(i, index[k]) for i, k in enumerate(a["ids"]) if k in index]
+    if len(common) < 2:
+        return None
+    ia, ib = map(list, zip(*common))
+    return np.asarray(a[metric], np.float64)[ia], np.asarray(b[metric], np.float64)[ib]
+
+
+def paired_intervals(results: dict, *, iters: int = BOOTSTRAP_ITERS, seed: int = BOOTSTRAP_SEED,
+                     level: float = 0.95) -> dict:
+    """Paired bootstrap intervals of each model against the dense one, from the per-item results.
+
+    For every task the documents are resampled with replacement, the same draw for both models
+    (paired), giving an interval for the difference of the task metric (model - dense). Avg-acc
+    retention (100 * model Avg-acc / dense Avg-acc) resamples every Avg-acc task at once, each
+    within itself. Percentile intervals; ``seed`` makes them reproducible from results.json.
+    """
+    dense = results["models"][results["dense"]]
+    lo_q, hi_q = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    out = {}
+    for name, rec in results["models"].items():
+        if name == results["dense"]:
+            continue
+        rng = np.random.default_rng(seed)
+        tasks, avg_d, avg_m, n_avg = {}, np.zeros(iters), np.zeros(iters), 0
+        point_d = point_m = 0.0
+        for task in results["tasks"]:
+            metric = TASKS[task].metric
+            pair = _paired_items(dense, rec, task, metric)
+            if pair is None:
+                continue
+            a, b = pair
+            boot_a, boot_b = np.empty(iters), np.empty(iters)
+            for start in range(0, iters, 500):  # bounded memory on 10k-item tasks
+                idx = rng.integers(0, a.size, (min(500, iters - start), a.size))
+                boot_a[start:start + len(idx)] = a[idx].mean(axis=1)
+                boot_b[start:start + len(idx)] = b[idx].mean(axis=1)
+            diff = boot_b - boot_a
+            tasks[task] = {"n": int(a.size), "diff": float(b.mean() - a.mean()),
+                           "ci": [float(np.percentile(diff, lo_q)), float(np.percentile(diff, hi_q))]}
+            if task in AVG_ACC_TASKS:
+                avg_d, avg_m, n_avg = avg_d + boot_a, avg_m + boot_b, n_avg + 1
+                point_d, point_m = point_d + a.mean(), point_m + b.mean()
+        entry = {"tasks": tasks, "level": level, "iters": iters, "seed": seed}
+        if n_avg:
+            ratio = 100 * avg_m / np.where(avg_d > 0, avg_d, np.nan)
+            entry["retention"] = {"value": 100 * point_m / point_d if point_d else float("nan"),
+                                  "ci": [float(np.nanpercentile(ratio, lo_q)),
+                                         float(np.nanpercentile(ratio, hi_q))],
+                                  "tasks": n_avg}
+        out[name] = entry
+    return out
+
+
 def _fmt(x, digits=3) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
@@ -34,6 +99,13 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def _metric_cell(task_record: dict, metric: str) -> str:
+    """'0.612 ± 0.015': the metric and its standard error over items, when known."""
+    se = task_record.get(f"{metric}_stderr")
+    value = _fmt(task_record[metric])
+    return value if se is None or math.isnan(se) else f"{value} ± {se:.3f}"
 
 
 def paper_table(results: dict) -> str:
@@ -54,7 +126,7 @@ def paper_table(results: dict) -> str:
     for name, rec in results["models"].items():
         tasks = rec["tasks"]
         avg = avg_acc(rec)
-        row = [name, str(rec["num_layers"])] + [_fmt(tasks[t][TASKS[t].metric]) for t in acc_cols]
+        row = [name, str(rec["num_layers"])] + [_metric_cell(tasks[t], TASKS[t].metric) for t in acc_cols]
         if with_avg:
             row += [_fmt(avg), _fmt(100 * avg / dense_avg if dense_avg else None, 1)]
         if lambada:
@@ -70,8 +142,29 @@ def extra_table(results: dict) -> str | None:
     if not cols:
         return None
     header = ["Model"] + [f"{TASKS[t].label} ({TASKS[t].metric})" for t in cols]
-    rows = [[name] + [_fmt(rec["tasks"][t][TASKS[t].metric]) for t in cols]
+    rows = [[name] + [_metric_cell(rec["tasks"][t], TASKS[t].metric) for t in cols]
             for name, rec in results["models"].items()]
+    return _table(header, rows)
+
+
+def interval_table(results: dict) -> str | None:
+    """Model - dense per task and Avg-acc retention, each with its paired bootstrap interval."""
+    intervals = results.get("intervals") or paired_intervals(results)
+    if not intervals:
+        return None
+    cols = [t for t in results["tasks"] if any(t in e["tasks"] for e in intervals.values())]
+    with_ret = any("retention" in e for e in intervals.values())
+    header = ["Model"] + [f"Δ {TASKS[t].label}" for t in cols] + (["Avg-acc retention (%)"] if with_ret else [])
+    rows = []
+    for name, e in intervals.items():
+        row = [name]
+        for t in cols:
+            d = e["tasks"].get(t)
+            row.append("–" if d is None else f"{d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]")
+        if with_ret:
+            r = e.get("retention")
+            row.append("–" if r is None else f"{r['value']:.1f} [{r['ci'][0]:.1f}, {r['ci'][1]:.1f}]")
+        rows.append(row)
     return _table(header, rows)
 
 
@@ -90,7 +183,8 @@ def notes(results: dict) -> list[str]:
     if not run:
         pass
     elif results.get("limit"):
-        out.append(f"Limit: first {results['limit']} documents per task (per MMLU subject); items scored: "
+        out.append(f"Limit: {results['limit']} documents per task (per MMLU subject), drawn at random with "
+                   f"seed {results.get('seed')}, the same for every model; items scored: "
                    + ", ".join(f"{TASKS[t].label} {n[t]}" for t in run) + ".")
     else:
         out.append("Full tasks; items scored: " + ", ".join(f"{TASKS[t].label} {n[t]}" for t in run) + ".")
@@ -98,6 +192,10 @@ def notes(results: dict) -> list[str]:
         shots = {TASKS[t].label: first["tasks"][t]["num_fewshot"] for t in run}
         few = [f"{k} {v}-shot" for k, v in shots.items() if v]
         out.append("0-shot" + (f" except {', '.join(few)}" if few else "") + ".")
+    if run:
+        out.append("± is the standard error over items. Δ: model minus dense on the same items, with a "
+                   f"paired bootstrap {BOOTSTRAP_ITERS:,}-draw 95 % interval; an interval that contains 0 "
+                   "shows no difference at this sample size.")
     if results.get("heldout"):
         h = results["heldout"]
         kind = "non-overlapping" if h["stride"] == h["window"] else f"stride {h['stride']}"
@@ -118,6 +216,9 @@ def format_report(results: dict) -> str:
     extra = extra_table(results)
     if extra:
         parts += ["## Other tasks", "", extra, ""]
+    diffs = interval_table(results) if len(results["models"]) > 1 and results["tasks"] else None
+    if diffs:
+        parts += ["## Against the dense model (95 % paired bootstrap intervals)", "", diffs, ""]
     parts += [f"- {line}" for line in notes(results)]
     parts += ["", "## Wall time (s)", "", timing_table(results), ""]
     return "\n".join(parts)
@@ -148,16 +249,20 @@ def bar_chart_png(results: dict) -> bytes:
             label = f"{name} ({rec['num_layers']} blocks)"
             if panel == "tasks":
                 vals = [rec["tasks"][t][TASKS[t].metric] for t in run]
+                errs = [1.96 * rec["tasks"][t].get(f"{TASKS[t].metric}_stderr", float("nan")) for t in run]
                 if has_avg:
                     vals.append(avg_acc(rec))
-                ax.bar([j + offset for j in range(len(vals))], vals, bar, label=label)
+                    errs.append(float("nan"))
+                errs = [0.0 if math.isnan(e) else e for e in errs]
+                ax.bar([j + offset for j in range(len(vals))], vals, bar, label=label, yerr=errs,
+                       capsize=2, error_kw={"elinewidth": 0.8})
             else:
                 ax.bar([offset], [rec["heldout_ppl"]["ppl"]], bar, label=label)
         if panel == "tasks":
             ax.set_xticks(range(len(labels)), labels, fontsize=8)
             ax.set_ylim(0, 1)
             ax.set_ylabel("accuracy")
-            limit = f" (first {results['limit']} items per task)" if results.get("limit") else ""
+            limit = f" ({results['limit']} random items per task; bars: 95 % CI)" if results.get("limit") else ""
             ax.set_title("lm-evaluation-harness" + limit, fontsize=9)
         else:
             ax.set_xticks([0], ["Wikipedia"], fontsize=8)
