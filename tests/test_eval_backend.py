@@ -108,10 +108,13 @@ def test_generate_rejects_sampling(backends):
 def test_length_bucketing_bounds_compiled_shapes(backends):
     ours, _ = backends
     scorer = ours.scorer
-    assert scorer.buckets == (16, 32, 64)
+    assert scorer.buckets == (64,)  # max_length 64 is below the narrowest default row
     scorer.shapes.clear()
     reqs = [("word " * n, " end") for n in range(1, 60, 4)]  # 15 distinct row lengths
+    before = (scorer.positions_run, scorer.tokens_fed)
     ours.loglikelihood(_ll(reqs))
+    # Packed several to a row: little padding.
+    assert scorer.positions_run - before[0] < 1.3 * (scorer.tokens_fed - before[1])
     # Each bucket runs full batches plus at most one power-of-two tail batch.
     assert len(scorer.shapes) <= 2 * len(scorer.buckets), scorer.shapes
     for rows, length in scorer.shapes:

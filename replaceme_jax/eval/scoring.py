@@ -36,6 +36,9 @@ from replaceme_jax.models.modeling import layer_windows, rope_cos_sin
 
 _MASK_VALUE = float(np.finfo(np.float32).min)
 MIN_SCORED_BUCKET = 64  # smallest padded count of scored positions per batch
+# Narrowest default row: short items are packed together, so narrow rows would only add
+# compiled shapes (each a full compilation of the model) without saving positions.
+MIN_ROW_WIDTH = 256
 
 
 def power_of_two_buckets(max_length: int, min_bucket: int = 16) -> tuple[int, ...]:
@@ -154,7 +157,7 @@ class TokenScorer:
         truncate before scoring.
       max_batch_tokens: rows x row width per forward pass (bounds activation memory).
       max_batch_size: cap on rows per forward pass.
-      buckets: row widths; default powers of two from 16 up to ``max_length``.
+      buckets: row widths; default powers of two from ``MIN_ROW_WIDTH`` up to ``max_length``.
     """
 
     def __init__(self, model, *, max_length: int, max_batch_tokens: int = 4096,
@@ -163,7 +166,8 @@ class TokenScorer:
             raise ReplaceMeError(f"max_batch_tokens and max_batch_size must be positive, got "
                                  f"{max_batch_tokens} and {max_batch_size}")
         self.max_length = int(max_length)
-        self.buckets = tuple(sorted(buckets)) if buckets else power_of_two_buckets(self.max_length)
+        self.buckets = (tuple(sorted(buckets)) if buckets
+                        else power_of_two_buckets(self.max_length, MIN_ROW_WIDTH))
         if self.buckets[-1] < self.max_length:
             raise ReplaceMeError(f"largest bucket {self.buckets[-1]} is shorter than max_length "
                                  f"{self.max_length}")

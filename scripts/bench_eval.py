@@ -1,0 +1,142 @@
+"""Evaluation throughput: our harness backend vs the harness's own Hugging Face backend.
+
+Both read the same exported checkpoint (float32) and score the same seeded random items of each
+task in one process, one after the other; the table gives items per CPU-second (user + system
+time of the process, so a busy machine distorts it less than wall time), the ratio, the largest
+per-request log-likelihood difference and both accuracies, then what scoring every item of the
+offline task set would cost at the measured rates.
+
+    python scripts/bench_eval.py --items=100 --output_dir=runs/bench_eval
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+
+from absl import flags
+
+from replaceme_jax.cli import run_main
+from replaceme_jax.errors import ReplaceMeError
+
+DEFAULT_TASKS = "winogrande,boolq,openbookqa,piqa,sciq,lambada_openai,arc_easy,arc_challenge,hellaswag"
+_MODEL = flags.DEFINE_string("model", "smollm2-135m", "Registry name or checkpoint path.")
+_TASKS = flags.DEFINE_string("tasks", DEFAULT_TASKS, "Comma-separated task names (see scripts/evaluate.py).")
+_ITEMS = flags.DEFINE_integer("items", 100, "Random items per task (the same for both backends).")
+_SEED = flags.DEFINE_integer("seed", 1234, "Seed of the item draw.")
+_HF_BATCH = flags.DEFINE_integer("hf_batch_size", 16, "Batch size of the HF backend.")
+_HF_SOFTMAX = flags.DEFINE_enum("hf_softmax_dtype", "float32", ["float32", "float64"],
+                                "Log-softmax dtype of the HF backend (float64 is slower and more exact).")
+_MAX_LENGTH = flags.DEFINE_integer("max_length", 2048, "Context window of both backends.")
+_OUTPUT = flags.DEFINE_string("output_dir", None, "Optional directory for bench_eval.json.")
+
+
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def _run(lm, spec, manager, samples):
+    import lm_eval
+
+    wall, cpu = time.perf_counter(), _cpu_seconds()
+    res = lm_eval.simple_evaluate(model=lm, tasks=[spec.harness_name], task_manager=manager,
+                                  samples=samples, bootstrap_iters=0, log_samples=True, verbosity="ERROR")
+    return res, time.perf_counter() - wall, _cpu_seconds() - cpu
+
+
+def _loglikelihoods(res) -> dict:
+    out = {}
+    for task, samples in res["samples"].items():
+        for s in samples:
+            out[(task, s["doc_id"])] = [float(r[0][0]) for r in s["resps"]]
+    return out
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main(argv) -> int:
+    if len(argv) > 1:
+        raise ReplaceMeError(f"unexpected arguments {argv[1:]}; pass everything as --flags")
+    if _ITEMS.value < 1:
+        raise ReplaceMeError(f"--items must be at least 1, got {_ITEMS.value}")
+    import datasets
+    from lm_eval.models.huggingface import HFLM
+
+    from replaceme_jax.checkpoints import load_pretrained
+    from replaceme_jax.checkpoints.hf import save_hf
+    from replaceme_jax.eval.harness import _task_metrics, item_samples
+    from replaceme_jax.eval.lm_eval_backend import ReplaceMeJaxLM
+    from replaceme_jax.eval.tasks import resolve_tasks, task_manager
+
+    datasets.disable_progress_bars()
+    specs = resolve_tasks(_TASKS.value)
+    manager = task_manager(specs)
+    model, tokenizer = load_pretrained(_MODEL.value)
+    rows, totals = [], {"ours": [0, 0.0], "hf": [0, 0.0]}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_hf(model, os.path.join(tmp, "hf"), tokenizer=tokenizer, dtype="float32")
+        model, tokenizer = load_pretrained(str(path))
+        ours = ReplaceMeJaxLM(model=model, tokenizer=tokenizer, max_length=_MAX_LENGTH.value)
+        hf = HFLM(pretrained=str(path), dtype="float32", softmax_dtype=_HF_SOFTMAX.value,
+                  max_length=_MAX_LENGTH.value, batch_size=_HF_BATCH.value, device="cpu")
+        full_cost = 0.0
+        for spec in specs:
+            samples = item_samples(spec, manager, _ITEMS.value, _SEED.value)
+            res_o, wall_o, cpu_o = _run(ours, spec, manager, samples)
+            res_h, wall_h, cpu_h = _run(hf, spec, manager, samples)
+            n = sum(len(v) for v in samples.values())
+            ll_o, ll_h = _loglikelihoods(res_o), _loglikelihoods(res_h)
+            diff = max(abs(a - b) for k in ll_o for a, b in zip(ll_o[k], ll_h[k]))
+            m_o, m_h = _task_metrics(res_o, spec)[spec.metric], _task_metrics(res_h, spec)[spec.metric]
+            everything = sum(len(v) for v in item_samples(spec, manager, None, 0).values())
+            full_cost += everything / (n / cpu_o)
+            rows.append({"task": spec.name, "items": n, "all_items": everything,
+                         "ours_items_per_cpu_s": n / cpu_o, "hf_items_per_cpu_s": n / cpu_h,
+                         "ratio": cpu_h / cpu_o, "ours_wall_s": wall_o, "hf_wall_s": wall_h,
+                         "ours_cpu_s": cpu_o, "hf_cpu_s": cpu_h, "max_abs_ll_diff": diff,
+                         "metric": spec.metric, "ours_metric": m_o, "hf_metric": m_h})
+            totals["ours"][0] += n
+            totals["ours"][1] += cpu_o
+            totals["hf"][0] += n
+            totals["hf"][1] += cpu_h
+            print(f"[bench_eval] {spec.name}: {n} items, ours {cpu_o:.0f} CPU-s, HF {cpu_h:.0f} CPU-s", flush=True)
+    header = ("| task | items | ours items/CPU-s | HF items/CPU-s | ours / HF | max abs Δ loglik | "
+              "metric ours / HF |\n|---|---|---|---|---|---|---|")
+    lines = [header] + [
+        f"| {r['task']} | {r['items']} | {r['ours_items_per_cpu_s']:.2f} | {r['hf_items_per_cpu_s']:.2f} | "
+        f"{r['ratio']:.2f}x | {r['max_abs_ll_diff']:.1e} | {r['ours_metric']:.3f} / {r['hf_metric']:.3f} |"
+        for r in rows]
+    ours_rate = totals["ours"][0] / totals["ours"][1]
+    hf_rate = totals["hf"][0] / totals["hf"][1]
+    lines.append(f"| **all** | {totals['ours'][0]} | {ours_rate:.2f} | {hf_rate:.2f} | "
+                 f"**{totals['hf'][1] / totals['ours'][1]:.2f}x** | | |")
+    print("\n".join(lines))
+    print(f"Every item of these tasks ({sum(r['all_items'] for r in rows):,}) at the rates measured here: "
+          f"ours {full_cost / 3600:.2f} CPU-hours per model.")
+    print(f"Model {_MODEL.value} (float32, exported once, read by both); HF backend log-softmax "
+          f"{_HF_SOFTMAX.value}, batch {_HF_BATCH.value}; {_ITEMS.value} items per task, seed {_SEED.value}; "
+          f"{_cpu_name()}, {os.cpu_count()} cores.")
+    if _OUTPUT.value:
+        os.makedirs(_OUTPUT.value, exist_ok=True)
+        out = os.path.join(_OUTPUT.value, "bench_eval.json")
+        with open(out + ".tmp", "w") as f:
+            json.dump({"rows": rows, "full_cpu_hours_ours": full_cost / 3600,
+                       "cpu": _cpu_name(), "cores": os.cpu_count()}, f, indent=2)
+        os.replace(out + ".tmp", out)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
