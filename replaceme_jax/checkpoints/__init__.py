@@ -6,6 +6,10 @@ import os
 from replaceme_jax.checkpoints.registry import REGISTRY, checkpoint_kind, resolve_default_path
 
 
+# Bumped whenever the GGUF conversion (weights or tokenizer) changes, so stale conversions are rebuilt.
+_CONVERTER_VERSION = 2
+
+
 def _cached_default(name: str, path: str) -> str | None:
     """An HF directory converted once from a registry model's GGUF (parsing and dequantizing the
     GGUF takes far longer than reading safetensors). Bit-identical parameters; rebuilt when the
@@ -14,7 +18,7 @@ def _cached_default(name: str, path: str) -> str | None:
         return None
     from replaceme_jax.data.cache import cache_dir
     st = os.stat(path)
-    target = cache_dir() / "models" / f"{name}-{st.st_size}-{int(st.st_mtime)}"
+    target = cache_dir() / "models" / f"{name}-{st.st_size}-{int(st.st_mtime)}-c{_CONVERTER_VERSION}"
     if (target / "config.json").exists():
         return str(target)
     try:

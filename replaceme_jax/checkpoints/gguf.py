@@ -3,7 +3,7 @@
 Quantized tensors are dequantized to float32 with the ``gguf`` package (pure numpy); those float32
 weights are the dense baseline. llama.cpp's converter permutes the rows of ``attn_q``/``attn_k`` for
 the llama architecture (interleaved RoPE); we undo it to get HF's rotate-half layout. qwen2/qwen3
-GGUFs are written unpermuted.
+GGUFs are written unpermuted. The tokenizer is rebuilt in ``gguf_tokenizer``.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import re
 
 import numpy as np
 
+from replaceme_jax.checkpoints.gguf_tokenizer import tokenizer_from_gguf
 from replaceme_jax.checkpoints.keymap import build_model
 from replaceme_jax.errors import ReplaceMeError
 from replaceme_jax.models.config import ModelConfig
@@ -36,8 +37,6 @@ _NAME_RULES = [
     (r"blk\.(\d+)\.ffn_down\.(weight|bias)", r"model.layers.\1.mlp.down_proj.\2"),
 ]
 _NAME_RULES = [(re.compile(p + "$"), t) for p, t in _NAME_RULES]
-# Pre-tokenizer splits llama.cpp applies before byte-level BPE, by `tokenizer.ggml.pre`.
-_DIGIT_SPLIT_PRE = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
 
 
 def _gguf_to_hf_name(name: str) -> str | None:
@@ -144,48 +143,3 @@ def load_gguf(path: str, *, param_dtype: str | None = None, dtype: str | None = 
                              "Fix: use a plain Llama/Qwen decoder GGUF.")
     model = build_model(config, records, path, place=place)
     return model, tokenizer_from_gguf(reader, path)
-
-
-def tokenizer_from_gguf(reader, path: str = "<gguf>"):
-    """A ``PreTrainedTokenizerFast`` rebuilt from the GGUF byte-level BPE vocab and merges."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    kind = _field(reader, "tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise ReplaceMeError(f"GGUF file {path} has a {kind!r} tokenizer; only byte-level BPE ('gpt2') "
-                             "is rebuilt here. Fix: convert to a Hugging Face directory with its tokenizer.")
-    tokens = list(_field(reader, "tokenizer.ggml.tokens"))
-    types = list(_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
-    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if _field(reader, "tokenizer.ggml.pre") in _DIGIT_SPLIT_PRE:
-        # llama.cpp (and the original tokenizer.json) split every digit on its own first.
-        tk.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"), byte_level])
-    else:
-        tk.pre_tokenizer = byte_level
-    tk.decoder = decoders.ByteLevel()
-    control = [AddedToken(t, special=True, normalized=False)
-               for t, ty in zip(tokens, types) if ty == 3]
-    tk.add_special_tokens(control)
-
-    def tok(key):
-        i = _field(reader, f"tokenizer.ggml.{key}_token_id")
-        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
-
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token=tok("bos"), eos_token=tok("eos"), unk_token=tok("unknown"),
-        pad_token=tok("padding") or tok("eos"), clean_up_tokenization_spaces=False)
-    template = _field(reader, "tokenizer.chat_template")
-    if template:
-        tokenizer.chat_template = template
-    # llama.cpp's flag for prepending BOS; HF fast tokenizers only add it via a post-processor.
-    if _field(reader, "tokenizer.ggml.add_bos_token", False) and tokenizer.bos_token_id is not None:
-        from tokenizers import processors
-        bos = tokenizer.bos_token
-        tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.bos_token_id)])
-    return tokenizer
