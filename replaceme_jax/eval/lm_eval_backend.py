@@ -3,7 +3,7 @@
 Request handling mirrors the harness's own Hugging Face backend (``--model hf``) so the two give
 the same numbers on the same checkpoint: the same context/continuation tokenisation (inherited
 from ``TemplateLM``), the same left truncation to ``max_length + 1`` tokens, the same rolling
-windows for ``loglikelihood_rolling``, and greedy ``generate_until`` with the same stop handling.
+windows for ``loglikelihood_rolling``, and greedy ``generate_until`` with the same stop handling (KV-cache decoding, ``inference.Generator``).
 What differs is execution (see ``scoring.TokenScorer``): the context of a multiple-choice item
 runs once with every answer attending to it, several items share a row, the LM head runs only
 where a token is scored, and rows come in a few widths so ``jax.jit`` compiles a bounded number of
@@ -21,14 +21,9 @@ Command line (the harness's own CLI, with this backend registered and our task Y
 """
 from __future__ import annotations
 
-import functools
 import sys
 from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
@@ -37,35 +32,11 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from replaceme_jax.errors import ReplaceMeError
 from replaceme_jax.eval.request_cache import RequestCache, model_fingerprint, request_key
 from replaceme_jax.eval.scoring import TokenScorer
+from replaceme_jax.inference import Generator
 
 DEFAULT_MAX_BATCH_SIZE = 64
 DEFAULT_MAX_BATCH_TOKENS = 4096
-GENERATE_CHUNK_STEPS = 16  # greedy steps per jitted call between host-side stop checks
-
-
-@functools.partial(jax.jit, static_argnums=(0, 7))
-def _greedy_steps(graphdef, state, buf, lengths, limits, done, eos_ids, n_steps: int):
-    """``n_steps`` greedy tokens appended at ``lengths`` (right-padded rows, no KV cache)."""
-    model = nnx.merge(graphdef, state)
-    rows, width = jnp.arange(buf.shape[0]), buf.shape[1]
-
-    def step(_, carry):
-        buf, lengths, done = carry
-        mask = (jnp.arange(width)[None, :] < lengths[:, None]).astype(jnp.int32)
-        cos, sin, biases = model.attention_inputs(mask)
-        h = model.embed(buf)
-        for layer, bias in zip(model.model.layers, biases):
-            h = layer(h, cos, sin, bias)
-        # Only the last real position of each row needs logits.
-        nxt = jnp.argmax(model.head(h[rows, lengths - 1]), axis=-1).astype(buf.dtype)
-        write = ~done & (lengths < limits)
-        at = jnp.minimum(lengths, width - 1)
-        buf = buf.at[rows, at].set(jnp.where(write, nxt, buf[rows, at]))
-        lengths = lengths + write.astype(lengths.dtype)
-        done = done | (write & jnp.isin(nxt, eos_ids)) | (lengths >= limits)
-        return buf, lengths, done
-
-    return jax.lax.fori_loop(0, n_steps, step, (buf, lengths, done))
+GENERATE_CHUNK_STEPS = 16  # decode steps per jitted call between host-side stop checks
 
 
 @register_model("replaceme-jax", "replaceme_jax")
@@ -120,7 +91,7 @@ class ReplaceMeJaxLM(TemplateLM):
         self.add_bos_token = add_bos_token
         self.scorer = TokenScorer(model, max_length=self._max_length,
                                   max_batch_tokens=int(max_batch_tokens), max_batch_size=int(rows))
-        self._graphdef, self._state = nnx.split(model)
+        self.generator = Generator(model, tokenizer, max_batch_size=int(rows), steps_per_call=GENERATE_CHUNK_STEPS)
         self.cache = RequestCache(cache_dir, model_fingerprint(model)) if cache_dir else None
         self.cache_hits = 0
 
@@ -247,43 +218,12 @@ class ReplaceMeJaxLM(TemplateLM):
         return out
 
     def _generate_group(self, contexts: dict[int, list[int]], max_gen: int, until: Sequence[str]) -> dict[int, str]:
-        order = sorted(contexts, key=lambda i: -len(contexts[i]))
-        eos_ids = jnp.asarray(sorted({self.eot_token_id, *self._eos_ids()}), jnp.int32)
-        results = {}
-        while order:
-            width = self.scorer.bucket_for(len(contexts[order[0]]) + max_gen)
-            full = self.scorer.batch_size_for(width)
-            chunk, order = order[:full], order[full:]
-            n_pad = full if len(chunk) == full else min(full, 1 << (len(chunk) - 1).bit_length())
-            buf = np.zeros((n_pad, width), np.int32)
-            starts = np.ones(n_pad, np.int32)
-            for j, i in enumerate(chunk):
-                buf[j, :len(contexts[i])] = contexts[i]
-                starts[j] = len(contexts[i])
-            limits = np.minimum(starts + max_gen, width).astype(np.int32)
-            done = np.arange(n_pad) >= len(chunk)
-            buf, lengths = jnp.asarray(buf), jnp.asarray(starts)
-            texts = [""] * len(chunk)
-            while not done.all():
-                buf, lengths, done_dev = _greedy_steps(
-                    self._graphdef, self._state, buf, lengths, jnp.asarray(limits), jnp.asarray(done),
-                    eos_ids, GENERATE_CHUNK_STEPS)
-                host_buf, host_len, done = np.asarray(buf), np.asarray(lengths), np.array(done_dev)
-                for j in range(len(chunk)):
-                    texts[j] = self.tokenizer.decode(host_buf[j, starts[j]:host_len[j]].tolist(),
-                                                     skip_special_tokens=True)
-                    # A stop string ends the row early; the text is cut at it below anyway.
-                    if any(s and s in texts[j] for s in until):
-                        done[j] = True
-            for j, i in enumerate(chunk):
-                results[i] = postprocess_generated_text(texts[j], stop=list(until), think_end_token=None)
-        return results
-
-    def _eos_ids(self) -> list[int]:
-        eos = self.model.config.eos_token_id
-        if eos is None:
-            return []
-        return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+        """Greedy KV-cache decoding (``inference.Generator``), cut at the stop strings as the harness does."""
+        keys = list(contexts)
+        outs = self.generator.generate([contexts[i] for i in keys], max_new_tokens=max_gen, stop=list(until),
+                                       eos_token_ids=sorted({self.eot_token_id, *self.generator.eos_ids()}))
+        return {i: postprocess_generated_text(o.text, stop=list(until), think_end_token=None)
+                for i, o in zip(keys, outs)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -104,7 +104,8 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps, param_dtype=_dtype(c.param_dtype))
         self.qk_norm = c.qk_norm
 
-    def __call__(self, x, cos, sin, bias):
+    def qkv(self, x, cos, sin):
+        """q [b, kv, g, t, d] and k, v [b, kv, t, d] after the q/k norms and RoPE."""
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -117,9 +118,16 @@ class Attention(nnx.Module):
         # layout directly makes XLA:CPU transpose inside the dots (benchmarks/README.md).
         groups = self.num_heads // self.num_kv_heads
         q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim).transpose(0, 2, 3, 1, 4)
-        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv, s, d]
-        out = causal_attention(q, k, v, bias).transpose(0, 3, 1, 2, 4)
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+        return q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+    def output(self, out):
+        """o_proj of the attention output [b, kv, g, t, d] -> [b, t, hidden]."""
+        b, t = out.shape[0], out.shape[3]
+        return self.o_proj(out.transpose(0, 3, 1, 2, 4).reshape(b, t, self.num_heads * self.head_dim))
+
+    def __call__(self, x, cos, sin, bias):
+        q, k, v = self.qkv(x, cos, sin)
+        return self.output(causal_attention(q, k, v, bias))
 
 
 def _attend(q, k, v, bias):
@@ -176,6 +184,18 @@ class DecoderLayer(nnx.Module):
         y, m = self.parts(x, cos, sin, bias)
         return y + m
 
+    def cached(self, x, cos, sin, bias, k_cache, v_cache, slot, *, over_cache: bool):
+        """Block output for ``x`` [b, t, d] whose keys/values are written to cache slots
+        [slot, slot + t) of ``k_cache``/``v_cache`` [b, kv, S, d]. ``over_cache``: attend over the
+        whole cache (decode; ``bias`` [b, t, S]); else over the t fresh keys only (prefill from an
+        empty cache; ``bias`` [b, t, t]). -> (output, k_cache, v_cache)."""
+        q, k, v = self.self_attn.qkv(self.input_layernorm(x), cos, sin)
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, slot, 0))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, slot, 0))
+        out = _attend(q, k_cache, v_cache, bias) if over_cache else causal_attention(q, k, v, bias)
+        y = x + self.self_attn.output(out)
+        return y + self.mlp(self.post_attention_layernorm(y)), k_cache, v_cache
+
 
 class DecoderModel(nnx.Module):
     """HF's ``model.`` prefix: embeddings, blocks, final norm."""
@@ -201,6 +221,53 @@ class Intermediates:
 
 jax.tree_util.register_dataclass(
     Intermediates, data_fields=["attn_residual", "mlp_output", "block_output"], meta_fields=[])
+
+
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values of every block for a batch of rows, preallocated to a static length S.
+
+    k, v: [layers, B, kv_heads, S, head_dim]; positions [B, S]: the RoPE position of each slot's key,
+    -1 for an empty or padding slot; length: slots written so far, the same for every row (prompts are
+    left-padded to one length, so each decode step writes one slot of every row)."""
+    k: jax.Array
+    v: jax.Array
+    positions: jax.Array
+    length: jax.Array  # int32 scalar
+
+    @classmethod
+    def empty(cls, config: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+        dtype = dtype or _dtype(config.dtype)
+        shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.full((batch, max_len), -1, jnp.int32),
+                   jnp.zeros((), jnp.int32))
+
+    @staticmethod
+    def nbytes(config: ModelConfig, batch: int, max_len: int, dtype=None) -> int:
+        """Bytes of k and v (the shape model: 2 x layers x B x kv_heads x S x head_dim x itemsize)."""
+        itemsize = jnp.dtype(dtype or _dtype(config.dtype)).itemsize
+        return (2 * config.num_hidden_layers * batch * config.num_key_value_heads * max_len
+                * config.head_dim * itemsize)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+
+# Logical axes of the cache arrays (see models/sharding.py).
+KV_CACHE_AXES = ("cache_layers", "activation_batch", "activation_kv_heads", "cache_length", "head_dim")
+
+jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v", "positions", "length"], meta_fields=[])
+
+
+def cache_bias(key_positions: jax.Array, query_positions: jax.Array, window: int | None = None) -> jax.Array:
+    """Additive bias [B, t, S] of queries at ``query_positions`` [B, t] over cache slots whose keys sit
+    at ``key_positions`` [B, S] (-1: empty): causal by position, optional sliding window."""
+    kp, qp = key_positions[:, None, :], query_positions[:, :, None]
+    allowed = (kp >= 0) & (kp <= qp)
+    if window is not None:
+        allowed = allowed & (qp - kp < window)
+    return jnp.where(allowed, 0.0, _MASK_VALUE).astype(jnp.float32)
 
 
 def default_positions(attention_mask: jax.Array) -> jax.Array:
@@ -300,6 +367,44 @@ class CausalLM(nnx.Module):
         if not return_intermediates:
             return logits
         return logits, Intermediates(jnp.stack(ys), jnp.stack(ms), jnp.stack(ls))
+
+
+    # -- cached decoding (inference/decoding.py jits these) --
+    def prefill(self, input_ids, attention_mask, cache: KVCache, plan=None):
+        """Run left-padded prompts [B, P] into an empty ``cache`` (slots [0, P)).
+        -> (float32 logits of each row's last token [B, V], cache)."""
+        positions = default_positions(attention_mask)
+        cos, sin, biases = self.attention_inputs(attention_mask, positions)
+        h = self.embed(input_ids)
+        ks, vs = [], []
+        for i, (layer, bias) in enumerate(zip(self.model.layers, biases)):
+            h, k, v = layer.cached(h, cos, sin, bias, cache.k[i], cache.v[i], 0, over_cache=False)
+            ks.append(k), vs.append(v)
+        key_pos = jax.lax.dynamic_update_slice(
+            cache.positions, jnp.where(attention_mask > 0, positions, -1).astype(jnp.int32), (0, 0))
+        cache = KVCache(_constrain_cache(jnp.stack(ks), plan), _constrain_cache(jnp.stack(vs), plan), key_pos,
+                        jnp.asarray(input_ids.shape[1], jnp.int32))
+        return self.head(h[:, -1]), cache
+
+    def decode_step(self, tokens, positions, cache: KVCache, plan=None):
+        """One new token per row (``tokens``, ``positions`` [B]) written at slot ``cache.length``,
+        attending over the whole cache. -> (float32 logits [B, V], cache)."""
+        slot = cache.length
+        key_pos = jax.lax.dynamic_update_slice(cache.positions, positions[:, None].astype(jnp.int32), (0, slot))
+        cos, sin = rope_cos_sin(self.config, positions[:, None])
+        windows = layer_windows(self.config)
+        biases = {w: cache_bias(key_pos, positions[:, None], w) for w in set(windows)}
+        h = self.embed(tokens[:, None])
+        k_all, v_all = cache.k, cache.v
+        for i, (layer, w) in enumerate(zip(self.model.layers, windows)):
+            h, k, v = layer.cached(h, cos, sin, biases[w], k_all[i], v_all[i], slot, over_cache=True)
+            k_all, v_all = k_all.at[i].set(k), v_all.at[i].set(v)
+        cache = KVCache(_constrain_cache(k_all, plan), _constrain_cache(v_all, plan), key_pos, slot + 1)
+        return self.head(h[:, 0]), cache
+
+
+def _constrain_cache(x, plan):
+    return x if plan is None else plan.constrain(x, KV_CACHE_AXES)
 
 
 def num_parameters(model: nnx.Module) -> int:

@@ -48,16 +48,19 @@ _SHARED = (
     ("norm", ()), ("head_dim", ()),
     ("activation_length", ()), ("activation_embed", ()),
     ("accum_stack", ()), ("accum_rows", ("data", "model")), ("accum_cols", ()),
+    ("cache_layers", ()), ("cache_length", ()),
 )
 RULE_SETS: dict[str, Rules] = {
     "fsdp": (
         ("vocab", ()), ("embed", ("model",)), ("heads", ()), ("kv_heads", ()), ("mlp", ()),
         ("activation_batch", ("data", "model")), ("activation_heads", ()), ("activation_mlp", ()),
+        ("activation_kv_heads", ()),
         *_SHARED),
     "tensor": (
         ("vocab", ("model",)), ("embed", ()), ("heads", ("model",)), ("kv_heads", ("model",)),
         ("mlp", ("model",)),
         ("activation_batch", ("data",)), ("activation_heads", ("model",)), ("activation_mlp", ("model",)),
+        ("activation_kv_heads", ("model",)),
         *_SHARED),
 }
 
