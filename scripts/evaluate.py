@@ -13,7 +13,7 @@ full table can be built over several runs.
 
 Models are registry names or paths (Hugging Face directory, .gguf file, Orbax checkpoint).
 Tasks: presets paper (WinoGrande 5-shot; BoolQ, OpenBookQA, PIQA, SciQ, LAMBADA 0-shot), extra
-(ARC-e, ARC-c, HellaSwag, MMLU), all, paper_with_race (RACE needs the Hugging Face hub), none
+(ARC-e, ARC-c, HellaSwag, MMLU), all, generative (GSM8K 5-shot, greedy KV-cache decoding), paper_with_race (RACE needs the Hugging Face hub), none
 (held-out perplexity only), or a comma list of task names.
 """
 from __future__ import annotations
@@ -26,7 +26,8 @@ from replaceme_jax.errors import ReplaceMeError
 _MODELS = flags.DEFINE_list("models", None, "Registry names or checkpoint paths, comma-separated.")
 _NAMES = flags.DEFINE_list("names", None, "Display names, one per model (default: last path component).")
 _DENSE = flags.DEFINE_string("dense", None, "Name of the reference model for '% of dense' (default: first).")
-_TASKS = flags.DEFINE_string("tasks", "paper", "Preset (paper, extra, all, paper_with_race, none) or task list.")
+_TASKS = flags.DEFINE_string("tasks", "paper", "Preset (paper, extra, all, generative, paper_with_race, none) "
+                             "or task list.")
 _LIMIT = flags.DEFINE_integer("limit", None, "Score N documents of each task, drawn at random with --seed "
                                "(the same for every model; default: all).")
 _SEED = flags.DEFINE_integer("seed", 1234, "Seed of the --limit draw.")

@@ -226,3 +226,22 @@ def test_harness_cli_with_our_backend(tiny, tmp_path):
     [result_file] = glob.glob(str(tmp_path / "out" / "**" / "results_*.json"), recursive=True)
     with open(result_file) as f:
         assert "acc_norm,none" in json.load(f)["results"]["rmj_piqa"]
+
+
+@pytest.mark.slow
+def test_gsm8k_matches_hf_backend_on_smollm2(smollm2, tmp_path):
+    """GSM8K 5-shot end to end offline: our KV-cache greedy decoding and the harness's HF backend
+    give the same generations and exact-match scores on the same items (dense SmolLM2, float32)."""
+    model, tokenizer = smollm2
+    path = save_hf(model, tmp_path / "smollm2-hf", tokenizer=tokenizer)
+    kw = dict(task_manager=task_manager(), limit=4, bootstrap_iters=0, log_samples=True, verbosity="ERROR",
+              gen_kwargs="max_gen_toks=96")
+    ours = ReplaceMeJaxLM(model=model, tokenizer=tokenizer, max_length=2048)
+    hf = HFLM(pretrained=str(path), dtype="float32", max_length=2048, batch_size=4, device="cpu")
+    got = lm_eval.simple_evaluate(model=ours, tasks=["rmj_gsm8k"], **kw)
+    ref = lm_eval.simple_evaluate(model=hf, tasks=["rmj_gsm8k"], **kw)
+    a, b = _by_doc(got["samples"]["rmj_gsm8k"]), _by_doc(ref["samples"]["rmj_gsm8k"])
+    assert sorted(a) == sorted(b) and len(a) == 4
+    for d in a:
+        assert a[d]["resps"] == b[d]["resps"], d
+    assert got["results"]["rmj_gsm8k"] == ref["results"]["rmj_gsm8k"]

@@ -145,3 +145,17 @@ def test_race_without_hub_is_a_clear_error(monkeypatch):
 
     with pytest.raises(ReplaceMeError, match="EleutherAI/race.*drop it from --tasks"):
         harness._check_tasks_available(T.resolve_tasks("race"), Offline())
+
+
+def test_gsm8k_documents_and_five_shot_prompt():
+    spec = T.resolve_tasks("generative")[0]
+    assert (spec.name, spec.num_fewshot, spec.filter) == ("gsm8k", 5, "strict-match")
+    task = _leaves(T.task_manager([spec]).load([spec.harness_name]))["rmj_gsm8k"]
+    docs = list(task.eval_docs)
+    assert len(docs) == 1319 and all("####" in d["answer"] for d in docs)
+    assert docs[0]["question"].startswith("Janet")
+    ctx = task.fewshot_context(docs[0], num_fewshot=5)
+    shots = ctx.split("\n\n")
+    # Five solved examples from the other test documents, then the question itself.
+    assert len(shots) == 6 and shots[-1] == f"Question: {docs[0]['question']}\nAnswer:"
+    assert all("####" in s for s in shots[:5]) and docs[0]["question"] not in "".join(shots[:5])

@@ -44,13 +44,26 @@ def _lock_exclusive(fh) -> None:
     fcntl.flock(fh, fcntl.LOCK_EX)
 
 
+def _run_output_model(path: str) -> str:
+    """A pruning run's output directory stands for the model it saved (its hf/, else its orbax/)."""
+    if not os.path.isdir(path) or any(os.path.exists(os.path.join(path, f))
+                                      for f in ("config.json", "replaceme_orbax.json")):
+        return path
+    for sub, marker in (("hf", "config.json"), ("orbax", "replaceme_orbax.json")):
+        if os.path.exists(os.path.join(path, sub, marker)):
+            return os.path.join(path, sub)
+    return path
+
+
 def load_pretrained(name_or_path: str, *, param_dtype: str | None = None, dtype: str | None = None,
                     place=None):
-    """(CausalLM, tokenizer) from a registry name, a .gguf file, an HF directory or an Orbax checkpoint."""
+    """(CausalLM, tokenizer) from a registry name, a .gguf file, an HF directory, an Orbax checkpoint
+    or a pruning run's output directory (its hf/ or orbax/)."""
     path = name_or_path if os.path.exists(name_or_path) else None
     if path is None and name_or_path.lower() in {**REGISTRY, "default": 0, "smollm2-135m-instruct": 0}:
         path = resolve_default_path(name_or_path)
         path = _cached_default(os.path.basename(path).removesuffix(".gguf"), path) or path
+    path = _run_output_model(path) if path else path
     kind = checkpoint_kind(path or name_or_path)
     if kind == "gguf":
         from replaceme_jax.checkpoints.gguf import load_gguf

@@ -84,6 +84,8 @@ def _item_scores(res: dict, spec: TaskSpec) -> dict:
     ids, values = [], []
     for task, samples in sorted(res["samples"].items()):
         for sample in sorted(samples, key=lambda x: x["doc_id"]):
+            if spec.filter is not None and sample.get("filter") != spec.filter:
+                continue
             ids.append(f"{task}:{sample['doc_id']}")
             values.append(float(sample[spec.metric]))
     return {"ids": ids, spec.metric: values}
@@ -92,7 +94,8 @@ def _item_scores(res: dict, spec: TaskSpec) -> dict:
 def _task_metrics(res: dict, spec: TaskSpec) -> dict:
     raw = res["results"][spec.harness_name]
     metrics = {k.split(",")[0]: float(v) for k, v in raw.items()
-               if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
+               if "," in k and "_stderr" not in k and isinstance(v, (int, float))
+               and (spec.filter is None or k.split(",")[1] == spec.filter)}
     if spec.metric not in metrics:
         raise ReplaceMeError(f"task {spec.name}: the harness returned no {spec.metric!r} (got {sorted(metrics)})")
     metrics["n"] = int(sum(v["effective"] for v in res["n-samples"].values()))

@@ -184,17 +184,19 @@ class DecoderLayer(nnx.Module):
         y, m = self.parts(x, cos, sin, bias)
         return y + m
 
-    def cached(self, x, cos, sin, bias, k_cache, v_cache, slot, *, over_cache: bool):
-        """Block output for ``x`` [b, t, d] whose keys/values are written to cache slots
-        [slot, slot + t) of ``k_cache``/``v_cache`` [b, kv, S, d]. ``over_cache``: attend over the
-        whole cache (decode; ``bias`` [b, t, S]); else over the t fresh keys only (prefill from an
-        empty cache; ``bias`` [b, t, t]). -> (output, k_cache, v_cache)."""
+    def cached(self, x, cos, sin, bias, k_all, v_all, layer: int, slot, *, over_cache: bool):
+        """Block output for ``x`` [b, t, d] whose keys/values are written to slots [slot, slot + t)
+        of this block's entry ``layer`` of the stacked caches ``k_all``/``v_all`` [L, b, kv, S, d]
+        (one in-place update of the stacked buffer; extracting and re-inserting a block's slice
+        would copy the whole cache every step). ``over_cache``: attend over the whole cache (decode;
+        ``bias`` [b, t, S]); else over the t fresh keys only (prefill from an empty cache; ``bias``
+        [b, t, t]). -> (output, k_all, v_all)."""
         q, k, v = self.self_attn.qkv(self.input_layernorm(x), cos, sin)
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, slot, 0))
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, slot, 0))
-        out = _attend(q, k_cache, v_cache, bias) if over_cache else causal_attention(q, k, v, bias)
+        k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (layer, 0, 0, slot, 0))
+        v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (layer, 0, 0, slot, 0))
+        out = _attend(q, k_all[layer], v_all[layer], bias) if over_cache else causal_attention(q, k, v, bias)
         y = x + self.self_attn.output(out)
-        return y + self.mlp(self.post_attention_layernorm(y)), k_cache, v_cache
+        return y + self.mlp(self.post_attention_layernorm(y)), k_all, v_all
 
 
 class DecoderModel(nnx.Module):
@@ -376,13 +378,12 @@ class CausalLM(nnx.Module):
         positions = default_positions(attention_mask)
         cos, sin, biases = self.attention_inputs(attention_mask, positions)
         h = self.embed(input_ids)
-        ks, vs = [], []
+        k_all, v_all = cache.k, cache.v
         for i, (layer, bias) in enumerate(zip(self.model.layers, biases)):
-            h, k, v = layer.cached(h, cos, sin, bias, cache.k[i], cache.v[i], 0, over_cache=False)
-            ks.append(k), vs.append(v)
+            h, k_all, v_all = layer.cached(h, cos, sin, bias, k_all, v_all, i, 0, over_cache=False)
         key_pos = jax.lax.dynamic_update_slice(
             cache.positions, jnp.where(attention_mask > 0, positions, -1).astype(jnp.int32), (0, 0))
-        cache = KVCache(_constrain_cache(jnp.stack(ks), plan), _constrain_cache(jnp.stack(vs), plan), key_pos,
+        cache = KVCache(_constrain_cache(k_all, plan), _constrain_cache(v_all, plan), key_pos,
                         jnp.asarray(input_ids.shape[1], jnp.int32))
         return self.head(h[:, -1]), cache
 
@@ -397,8 +398,7 @@ class CausalLM(nnx.Module):
         h = self.embed(tokens[:, None])
         k_all, v_all = cache.k, cache.v
         for i, (layer, w) in enumerate(zip(self.model.layers, windows)):
-            h, k, v = layer.cached(h, cos, sin, biases[w], k_all[i], v_all[i], slot, over_cache=True)
-            k_all, v_all = k_all.at[i].set(k), v_all.at[i].set(v)
+            h, k_all, v_all = layer.cached(h, cos, sin, biases[w], k_all, v_all, i, slot, over_cache=True)
         cache = KVCache(_constrain_cache(k_all, plan), _constrain_cache(v_all, plan), key_pos, slot + 1)
         return self.head(h[:, 0]), cache
 

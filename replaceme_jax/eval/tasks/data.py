@@ -92,7 +92,12 @@ def _strip_qa(query: str) -> str:
     return query[len(head):-len(tail)]
 
 
-_FROM_REQUESTS = {"arc": _arc, "openbookqa": _openbookqa, "lambada": _lambada}
+def _gsm8k(doc: dict, request: dict) -> dict:
+    del request
+    return {"question": doc["question"], "answer": doc["answer"]}  # the hub's fields, "#### N" included
+
+
+_FROM_REQUESTS = {"arc": _arc, "openbookqa": _openbookqa, "lambada": _lambada, "gsm8k": _gsm8k}
 _ARROW_FIXUPS = {"boolq": _boolq}
 
 
