@@ -84,7 +84,7 @@ def _cache_memory(gen, batch, prompt_len, new):
                              jax.ShapeDtypeStruct((1,), jnp.int32),
                              (jax.random.key(0), jax.ShapeDtypeStruct((), jnp.int32)),
                              SamplingParams(), steps).compile()
-    params = sum(x.nbytes for x in jax.tree.leaves(gen.state))
+    params = sum(x.nbytes for x in jax.tree.leaves(gen.state))  # the decode step also reads these
     args = compiled.memory_analysis().argument_size_in_bytes
     return KVCache.nbytes(gen.config, batch, s), args - params
 

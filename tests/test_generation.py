@@ -169,4 +169,5 @@ def test_chat_without_template_and_empty_prompt(tiny):
 def test_cache_bytes_match_the_shape_model(tiny):
     config = tiny.config
     cache = KVCache.empty(config, 4, 96)
-    assert cache.k.nbytes + cache.v.nbytes == KVCache.nbytes(config, 4, 96)
+    assert sum(x.nbytes for x in cache.k + cache.v) == KVCache.nbytes(config, 4, 96)
+    assert len(cache.k) == config.num_hidden_layers and cache.k[0].shape == (4, config.num_key_value_heads, 96, config.head_dim)

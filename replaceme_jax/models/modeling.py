@@ -184,19 +184,17 @@ class DecoderLayer(nnx.Module):
         y, m = self.parts(x, cos, sin, bias)
         return y + m
 
-    def cached(self, x, cos, sin, bias, k_all, v_all, layer: int, slot, *, over_cache: bool):
+    def cached(self, x, cos, sin, bias, k_cache, v_cache, slot, *, over_cache: bool):
         """Block output for ``x`` [b, t, d] whose keys/values are written to slots [slot, slot + t)
-        of this block's entry ``layer`` of the stacked caches ``k_all``/``v_all`` [L, b, kv, S, d]
-        (one in-place update of the stacked buffer; extracting and re-inserting a block's slice
-        would copy the whole cache every step). ``over_cache``: attend over the whole cache (decode;
-        ``bias`` [b, t, S]); else over the t fresh keys only (prefill from an empty cache; ``bias``
-        [b, t, t]). -> (output, k_all, v_all)."""
+        of this block's caches ``k_cache``/``v_cache`` [b, kv, S, d]. ``over_cache``: attend over the
+        whole cache (decode; ``bias`` [b, t, S]); else over the t fresh keys only (prefill from an
+        empty cache; ``bias`` [b, t, t]). -> (output, k_cache, v_cache)."""
         q, k, v = self.self_attn.qkv(self.input_layernorm(x), cos, sin)
-        k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (layer, 0, 0, slot, 0))
-        v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (layer, 0, 0, slot, 0))
-        out = _attend(q, k_all[layer], v_all[layer], bias) if over_cache else causal_attention(q, k, v, bias)
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, slot, 0))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, slot, 0))
+        out = _attend(q, k_cache, v_cache, bias) if over_cache else causal_attention(q, k, v, bias)
         y = x + self.self_attn.output(out)
-        return y + self.mlp(self.post_attention_layernorm(y)), k_all, v_all
+        return y + self.mlp(self.post_attention_layernorm(y)), k_cache, v_cache
 
 
 class DecoderModel(nnx.Module):
@@ -229,20 +227,23 @@ jax.tree_util.register_dataclass(
 class KVCache:
     """Keys and values of every block for a batch of rows, preallocated to a static length S.
 
-    k, v: [layers, B, kv_heads, S, head_dim]; positions [B, S]: the RoPE position of each slot's key,
-    -1 for an empty or padding slot; length: slots written so far, the same for every row (prompts are
-    left-padded to one length, so each decode step writes one slot of every row)."""
-    k: jax.Array
-    v: jax.Array
+    k, v: one [B, kv_heads, S, head_dim] array per block (a tuple over layers: one stacked
+    [layers, ...] buffer would be copied whole by every block's update inside the decode loop, 45x
+    slower at batch 16); positions [B, S]: the RoPE position of each slot's key, -1 for an empty or
+    padding slot; length: slots written so far, the same for every row (prompts are left-padded to
+    one length, so each decode step writes one slot of every row)."""
+    k: tuple
+    v: tuple
     positions: jax.Array
     length: jax.Array  # int32 scalar
 
     @classmethod
     def empty(cls, config: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
         dtype = dtype or _dtype(config.dtype)
-        shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.full((batch, max_len), -1, jnp.int32),
-                   jnp.zeros((), jnp.int32))
+        shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
+        layers = range(config.num_hidden_layers)
+        return cls(tuple(jnp.zeros(shape, dtype) for _ in layers), tuple(jnp.zeros(shape, dtype) for _ in layers),
+                   jnp.full((batch, max_len), -1, jnp.int32), jnp.zeros((), jnp.int32))
 
     @staticmethod
     def nbytes(config: ModelConfig, batch: int, max_len: int, dtype=None) -> int:
@@ -253,11 +254,11 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.positions.shape[1]
 
 
 # Logical axes of the cache arrays (see models/sharding.py).
-KV_CACHE_AXES = ("cache_layers", "activation_batch", "activation_kv_heads", "cache_length", "head_dim")
+KV_CACHE_AXES = ("activation_batch", "activation_kv_heads", "cache_length", "head_dim")
 
 jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v", "positions", "length"], meta_fields=[])
 
@@ -378,9 +379,9 @@ class CausalLM(nnx.Module):
         positions = default_positions(attention_mask)
         cos, sin, biases = self.attention_inputs(attention_mask, positions)
         h = self.embed(input_ids)
-        k_all, v_all = cache.k, cache.v
+        k_all, v_all = list(cache.k), list(cache.v)
         for i, (layer, bias) in enumerate(zip(self.model.layers, biases)):
-            h, k_all, v_all = layer.cached(h, cos, sin, bias, k_all, v_all, i, 0, over_cache=False)
+            h, k_all[i], v_all[i] = layer.cached(h, cos, sin, bias, k_all[i], v_all[i], 0, over_cache=False)
         key_pos = jax.lax.dynamic_update_slice(
             cache.positions, jnp.where(attention_mask > 0, positions, -1).astype(jnp.int32), (0, 0))
         cache = KVCache(_constrain_cache(k_all, plan), _constrain_cache(v_all, plan), key_pos,
@@ -396,15 +397,15 @@ class CausalLM(nnx.Module):
         windows = layer_windows(self.config)
         biases = {w: cache_bias(key_pos, positions[:, None], w) for w in set(windows)}
         h = self.embed(tokens[:, None])
-        k_all, v_all = cache.k, cache.v
+        k_all, v_all = list(cache.k), list(cache.v)
         for i, (layer, w) in enumerate(zip(self.model.layers, windows)):
-            h, k_all, v_all = layer.cached(h, cos, sin, biases[w], k_all, v_all, i, slot, over_cache=True)
+            h, k_all[i], v_all[i] = layer.cached(h, cos, sin, biases[w], k_all[i], v_all[i], slot, over_cache=True)
         cache = KVCache(_constrain_cache(k_all, plan), _constrain_cache(v_all, plan), key_pos, slot + 1)
         return self.head(h[:, 0]), cache
 
 
-def _constrain_cache(x, plan):
-    return x if plan is None else plan.constrain(x, KV_CACHE_AXES)
+def _constrain_cache(arrays, plan):
+    return tuple(arrays) if plan is None else tuple(plan.constrain(x, KV_CACHE_AXES) for x in arrays)
 
 
 def num_parameters(model: nnx.Module) -> int:

@@ -48,7 +48,7 @@ _SHARED = (
     ("norm", ()), ("head_dim", ()),
     ("activation_length", ()), ("activation_embed", ()),
     ("accum_stack", ()), ("accum_rows", ("data", "model")), ("accum_cols", ()),
-    ("cache_layers", ()), ("cache_length", ()),
+    ("cache_length", ()),
 )
 RULE_SETS: dict[str, Rules] = {
     "fsdp": (
