@@ -9,6 +9,7 @@ sharding over the batch is a reduction. Sums are float32 with Kahan compensation
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from typing import Iterable, Sequence
@@ -187,7 +188,8 @@ def _compiled_step(graphdef, request: StatsRequest, depth: int, plan=None):
             if plan is not None:  # each device keeps its rows of a d x d sum: XLA reduce-scatters into them
                 x = plan.constrain_accumulator(x)
             new[k], new[k + "/comp"] = _kahan_add(acc[k], acc[k + "/comp"], x)
-        return new
+        # A scalar of this step's own (not donated to the next step) to wait on: see _InFlight.
+        return new, new["sequences"] + 0
     return jax.jit(step, donate_argnums=(1,))
 
 
@@ -231,22 +233,21 @@ def gather_statistics(model, batches: Iterable, request: StatsRequest, *, progre
         model = plan.shard_model(model)  # no copy when the parameters are already placed
     graphdef, state = nnx.split(model)
     step = _compiled_step(graphdef, request, depth, plan)
-    iterator = batches
-    if progress:
-        from tqdm.auto import tqdm
-        iterator = tqdm(batches, desc="statistics pass", unit="batch")
     # x64 is switched on only around this pass (and only for the float64 sums): the model's own
     # dtypes are explicit, so its computation is unchanged.
-    with jax.enable_x64(request.resolved_accum_dtype() == "float64"):
+    with jax.enable_x64(request.resolved_accum_dtype() == "float64"), \
+            _InFlight(len(batches), "statistics pass", progress) as flight:
         acc = _zeros_like_sums(model, request, depth, batches[0], plan)
-        for batch in iterator:
+        for batch in batches:
             ids = np.asarray(batch.input_ids, np.int32)
             mask = np.asarray(batch.attention_mask, np.int32)
             if plan is None:
                 ids, mask = jnp.asarray(ids), jnp.asarray(mask)
             else:
                 ids, mask = plan.put_batch(ids), plan.put_batch(mask)
-            acc = step(state, acc, ids, mask)
+            acc, done = step(state, acc, ids, mask)
+            flight.push(done)
+        flight.drain()
         host = {k: to_host(v).astype(np.float64) for k, v in acc.items() if not k.endswith("/comp")}
         comp = {k: to_host(acc[k + "/comp"]).astype(np.float64) for k in host}
     total = {k: host[k] - comp[k] for k in host}  # fold the last compensation term back in
@@ -297,15 +298,61 @@ def gather_tokens(model, batches: Iterable, cut: Cut, buffer, *, include_pad: bo
         model = plan.shard_model(model)
     graphdef, state = nnx.split(model)
     step = _compiled_token_step(graphdef, cut)
-    iterator = batches
-    if progress:
-        from tqdm.auto import tqdm
-        iterator = tqdm(list(batches), desc=f"tokens for cut {cut}", unit="batch")
-    for batch in iterator:
-        put = jnp.asarray if plan is None else plan.put_batch
-        mask = np.asarray(batch.attention_mask) > 0
-        m, y, l = (to_host(a)[:len(mask)] for a in step(state, put(batch.input_ids), put(batch.attention_mask)))
+    batches = list(batches)
+    put = jnp.asarray if plan is None else plan.put_batch
+
+    def consume(item):  # in dispatch order, so the buffer's sample does not depend on timing
+        outs, mask = item
+        m, y, l = (to_host(a)[:len(mask)] for a in outs)
         if include_pad:
             mask = np.broadcast_to(mask.any(-1, keepdims=True), mask.shape)
         buffer.add(m[mask], y[mask], l[mask])
+
+    with _InFlight(len(batches), f"tokens for cut {cut}", progress, consume=consume) as flight:
+        for batch in batches:
+            mask = np.asarray(batch.attention_mask) > 0
+            flight.push((step(state, put(batch.input_ids), put(batch.attention_mask)), mask))
+        flight.drain()
     return buffer
+
+
+class _InFlight:
+    """Bounds the jitted steps queued ahead of the host and counts only FINISHED batches.
+
+    JAX dispatches asynchronously: a loop that never waits queues every batch at once, so the
+    progress bar runs ahead of the work and an interrupt takes effect only after the whole queue
+    (or not cleanly at all). Waiting for step i-1 right after dispatching step i keeps one step
+    queued behind the running one (no idle device between steps) and an interrupt within about one
+    step. ``consume`` (default: wait) takes each finished item in order.
+    """
+
+    def __init__(self, total: int, desc: str, progress: bool, *, ahead: int = 1, consume=None):
+        self.ahead, self.consume = ahead, consume or jax.block_until_ready
+        self.pending: collections.deque = collections.deque()
+        self.bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, desc=desc, unit="batch")
+
+    def __enter__(self):
+        return self
+
+    def push(self, item) -> None:
+        self.pending.append(item)
+        while len(self.pending) > self.ahead:
+            self._finish_one()
+
+    def drain(self) -> None:
+        while self.pending:
+            self._finish_one()
+
+    def _finish_one(self) -> None:
+        self.consume(self.pending.popleft())
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def __exit__(self, *exc):
+        self.pending.clear()
+        if self.bar is not None:
+            self.bar.close()
+        return False
