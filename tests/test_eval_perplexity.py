@@ -128,3 +128,15 @@ def test_smollm2_heldout_matches_transformers(smollm2, tmp_path):
     assert got.num_tokens == count and got.corpus_tokens == len(ids)
     assert abs(got.ppl / want - 1) < 1e-3, (got.ppl, want)
     print(f"SmolLM2 held-out ppl (4 x 512 tokens): ours {got.ppl:.4f}, transformers {want:.4f}")
+
+
+def test_non_finite_perplexity_is_an_error_not_a_nan_report():
+    from flax import nnx
+    model = random_tiny_llama(vocab_size=64)
+    state = nnx.state(model, nnx.Param)
+    down = state["model"]["layers"][0]["mlp"]["down_proj"]["kernel"]
+    down.value = down.value.at[0, 0].set(np.nan)
+    nnx.update(model, state)
+    ids = np.arange(40, dtype=np.int32) % 64
+    with pytest.raises(ReplaceMeError, match=r"perplexity is not finite: 2 of 2 windows"):
+        perplexity(model, ids, window=20)

@@ -3,11 +3,19 @@ from __future__ import annotations
 
 import os
 
-from replaceme_jax.checkpoints.registry import REGISTRY, checkpoint_kind, resolve_default_path
+from replaceme_jax.checkpoints.registry import (REGISTRY, absolute_path, checkpoint_kind,
+                                                resolve_default_path)
 
 
 # Bumped whenever the GGUF conversion (weights or tokenizer) changes, so stale conversions are rebuilt.
 _CONVERTER_VERSION = 2
+
+
+def converted_default_dir(name: str, path: str):
+    """Where the HF conversion of a registry model's GGUF lives (whether or not it exists yet)."""
+    from replaceme_jax.data.cache import cache_dir
+    st = os.stat(path)
+    return cache_dir() / "models" / f"{name}-{st.st_size}-{int(st.st_mtime)}-c{_CONVERTER_VERSION}"
 
 
 def _cached_default(name: str, path: str) -> str | None:
@@ -16,9 +24,7 @@ def _cached_default(name: str, path: str) -> str | None:
     source file changes; disabled with REPLACEME_JAX_NO_MODEL_CACHE=1."""
     if os.environ.get("REPLACEME_JAX_NO_MODEL_CACHE"):
         return None
-    from replaceme_jax.data.cache import cache_dir
-    st = os.stat(path)
-    target = cache_dir() / "models" / f"{name}-{st.st_size}-{int(st.st_mtime)}-c{_CONVERTER_VERSION}"
+    target = converted_default_dir(name, path)
     if (target / "config.json").exists():
         return str(target)
     try:
@@ -59,7 +65,8 @@ def load_pretrained(name_or_path: str, *, param_dtype: str | None = None, dtype:
                     place=None):
     """(CausalLM, tokenizer) from a registry name, a .gguf file, an HF directory, an Orbax checkpoint
     or a pruning run's output directory (its hf/ or orbax/)."""
-    path = name_or_path if os.path.exists(name_or_path) else None
+    name_or_path = os.fspath(name_or_path)
+    path = str(absolute_path(name_or_path)) if os.path.exists(name_or_path) else None
     if path is None and name_or_path.lower() in {**REGISTRY, "default": 0, "smollm2-135m-instruct": 0}:
         path = resolve_default_path(name_or_path)
         path = _cached_default(os.path.basename(path).removesuffix(".gguf"), path) or path

@@ -14,6 +14,7 @@ import numpy as np
 
 from replaceme_jax.checkpoints.gguf_tokenizer import tokenizer_from_gguf
 from replaceme_jax.checkpoints.keymap import build_model
+from replaceme_jax.checkpoints.registry import absolute_path
 from replaceme_jax.errors import ReplaceMeError
 from replaceme_jax.models.config import ModelConfig
 
@@ -123,12 +124,13 @@ def _tensor_loader(tensor, hf_name: str, config: ModelConfig):
 
 def load_gguf(path: str, *, param_dtype: str | None = None, dtype: str | None = None, place=None):
     """GGUF file -> (CausalLM, tokenizer). Tensors are dequantized one at a time."""
+    path = str(absolute_path(path))
     reader = _open(path)
     config = config_from_gguf(reader, path)
     overrides = {k: v for k, v in (("param_dtype", param_dtype), ("dtype", dtype)) if v}
     if overrides:
         config = config.replace(**overrides)
-    records, unknown = [], []
+    records, unknown, file_names = [], [], {}
     for t in reader.tensors:
         hf_name = _gguf_to_hf_name(t.name)
         if hf_name is None:
@@ -136,10 +138,11 @@ def load_gguf(path: str, *, param_dtype: str | None = None, dtype: str | None = 
                 continue
             unknown.append(t.name)
             continue
+        file_names[hf_name] = t.name
         records.append((hf_name, _tensor_loader(t, hf_name, config),
                         tuple(int(x) for x in t.shape[::-1]), "float32"))
     if unknown:
         raise ReplaceMeError(f"GGUF file {path} has tensors this loader does not know: {unknown[:5]}. "
                              "Fix: use a plain Llama/Qwen decoder GGUF.")
-    model = build_model(config, records, path, place=place)
+    model = build_model(config, records, path, place=place, file_names=file_names)  # checks finiteness
     return model, tokenizer_from_gguf(reader, path)

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from replaceme_jax.checkpoints.keymap import build_model, hf_state_dict, param_items
+from replaceme_jax.checkpoints.registry import absolute_path
 from replaceme_jax.errors import ReplaceMeError
 from replaceme_jax.io_utils import atomic_output_dir, atomic_write_json, is_primary
 from replaceme_jax.models.config import ModelConfig
@@ -36,7 +37,7 @@ _EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 
 # ----------------------------------------------------------------------------- loading
 def _checkpoint_dir(path) -> Path:
-    root = Path(path).expanduser()
+    root = absolute_path(path)
     if not root.exists():
         raise ReplaceMeError(f"Hugging Face checkpoint directory {root} does not exist. Fix: check the "
                              "path (a directory holding config.json and model.safetensors).")
@@ -151,7 +152,7 @@ def load_hf(path, *, param_dtype: str | None = None, dtype: str | None = None, p
             raise ReplaceMeError(f"{root / INDEX_NAME} names tensors its shards do not hold: "
                                  f"{', '.join(absent[:5])}{' ...' if len(absent) > 5 else ''}. "
                                  "Fix: re-save the model so index and shards agree.")
-        model = build_model(config, records, str(root), place=place)
+        model = build_model(config, records, str(root), place=place)  # checks every tensor is finite
     return model, load_tokenizer(root)
 
 
@@ -185,6 +186,7 @@ def save_hf(model: CausalLM, path, *, tokenizer=None, overwrite: bool = False,
     has special token ids, and the tokenizer's files. ``dtype`` is the tensor dtype on disk (default:
     the model's param_dtype). Atomic: the directory appears complete or not at all.
     """
+    path = absolute_path(path)
     dtype = dtype or model.config.param_dtype
     if dtype not in _EXPORT_DTYPES:
         raise ReplaceMeError(f"export dtype {dtype!r} is not one of {_EXPORT_DTYPES}")
@@ -215,7 +217,7 @@ def save_hf(model: CausalLM, path, *, tokenizer=None, overwrite: bool = False,
             atomic_write_json(tmp / GENERATION_CONFIG_NAME, generation)
         if tokenizer is not None and is_primary():
             tokenizer.save_pretrained(str(tmp))
-    return Path(path).expanduser().absolute()
+    return path
 
 
 __all__ = ["load_hf", "save_hf", "read_hf_config", "load_tokenizer", "DEFAULT_MAX_SHARD_BYTES",

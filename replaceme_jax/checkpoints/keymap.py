@@ -86,11 +86,30 @@ def hf_state_dict(model: CausalLM, dtype=None) -> Iterator[tuple[str, np.ndarray
         yield name, np.ascontiguousarray(arr)
 
 
+def _check_finite_tensor(arr: np.ndarray, name: str, source: str, file_names, converted_to) -> None:
+    if not np.issubdtype(arr.dtype, np.inexact) and "float" not in str(arr.dtype):
+        return
+    if np.isfinite(arr).all():
+        return
+    own = (file_names or {}).get(name)
+    label = f"{name} ({own} in the file)" if own and own != name else name
+    counts = f"{int(np.isnan(arr).sum())} NaN, {int(np.isinf(arr).sum())} inf"
+    if converted_to:  # finite in the file, but not in the parameter dtype
+        raise ReplaceMeError(
+            f"checkpoint {source}: {label} overflows {jnp.dtype(converted_to).name} ({counts} after "
+            f"conversion). Fix: load with param_dtype float32 or bfloat16.")
+    raise ReplaceMeError(
+        f"checkpoint {source} holds non-finite values in {label} ({counts}); the file is corrupt "
+        "or was saved after a diverged run. Fix: re-download or re-export the checkpoint (for a "
+        "pruned model, re-run the pruning job).")
+
+
 def build_model(
     config: ModelConfig,
     tensors: Iterable[tuple[str, Callable[[], np.ndarray] | np.ndarray, tuple, str]],
     source: str,
     place: Callable[[tuple, jax.ShapeDtypeStruct], jax.sharding.Sharding] | None = None,
+    file_names: dict[str, str] | None = None,
 ) -> CausalLM:
     """Fill an abstract model from ``(hf_name, loader_or_array, hf_shape, dtype_str)`` records.
 
@@ -100,6 +119,10 @@ def build_model(
     (default: the default device), so peak host memory is one tensor above the model. With a
     sharding, each process builds only the shards its own devices hold (``sharding.put``), so a
     multi-host load does not broadcast whole tensors between hosts.
+
+    Each tensor is checked for NaN/inf on the host while it is there anyway (about 0.1 s for 135M
+    parameters, nothing to compile): the first bad one is a ReplaceMeError naming it (its HF name,
+    and ``file_names[hf_name]``, the file's own name, when that differs).
     """
     model = abstract_model(config)
     expected = {path: var for path, var in param_items(model)}
@@ -140,9 +163,13 @@ def build_model(
     for path, var, loader, transpose in plan:
         arr = loader() if callable(loader) else loader
         arr = np.asarray(arr)
+        name = nnx_to_hf(path)[0]
+        _check_finite_tensor(arr, name, source, file_names, "")
         if transpose:
             arr = arr.T
-        arr = arr.astype(var.dtype)
+        with np.errstate(over="ignore"):  # an overflow is named just below
+            arr = arr.astype(var.dtype)
+        _check_finite_tensor(arr, name, source, file_names, var.dtype)
         sharding = place(path, jax.ShapeDtypeStruct(arr.shape, arr.dtype)) if place else None
         var.set_value(put(arr, sharding) if sharding is not None else jnp.asarray(arr))
     return model

@@ -23,8 +23,10 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from replaceme_jax.checkpoints.finite import check_finite
 from replaceme_jax.checkpoints.hf import load_tokenizer, read_hf_config
 from replaceme_jax.checkpoints.keymap import abstract_model
+from replaceme_jax.checkpoints.registry import absolute_path
 from replaceme_jax.errors import ReplaceMeError
 from replaceme_jax.io_utils import atomic_output_dir, atomic_write_json, is_primary
 from replaceme_jax.models.modeling import CausalLM
@@ -46,6 +48,7 @@ def save_orbax(model: CausalLM, path, *, tokenizer=None, overwrite: bool = False
     except (TypeError, ValueError) as e:
         raise ReplaceMeError(f"Orbax checkpoint metadata must be JSON-serialisable: {e}. "
                              "Fix: pass plain dicts, lists, strings and numbers.") from e
+    path = absolute_path(path)  # Orbax misreads relative paths
     config = model.config
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     with atomic_output_dir(path, overwrite=overwrite, what="Orbax checkpoint") as tmp:
@@ -62,11 +65,11 @@ def save_orbax(model: CausalLM, path, *, tokenizer=None, overwrite: bool = False
             "dtype": config.dtype,
             "metadata": metadata or {},
         })
-    return Path(path).expanduser().absolute()
+    return path
 
 
 def _checkpoint_dir(path) -> Path:
-    root = Path(path).expanduser()
+    root = absolute_path(path)  # Orbax misreads relative paths ("holds no readable Orbax metadata")
     if not root.is_dir():
         raise ReplaceMeError(f"Orbax checkpoint directory {root} does not exist. Fix: check the path "
                              "(a directory written by save_orbax).")
@@ -131,6 +134,13 @@ def restore_orbax(path, *, param_dtype: str | None = None, dtype: str | None = N
                              "checkpoint is incomplete or damaged; re-save it with save_orbax.") from e
     nnx.replace_by_pure_dict(params, restored)
     nnx.update(model, params)
+    try:
+        check_finite(model, root, hf_names=False)  # the checkpoint's own names are the NNX paths
+    except ReplaceMeError as e:
+        if config.param_dtype == info["param_dtype"]:
+            raise
+        raise ReplaceMeError(f"{e} Or its {info['param_dtype']} values overflow the requested "
+                             f"param_dtype {config.param_dtype}: restore it without param_dtype.") from None
     return model, load_tokenizer(root)
 
 

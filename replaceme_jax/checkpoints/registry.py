@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from replaceme_jax.errors import ReplaceMeError
 
@@ -25,6 +26,15 @@ REGISTRY = {
     ),
 }
 ALIASES = {"smollm2-135m-instruct": "smollm2-135m", "default": "smollm2-135m"}
+
+
+def absolute_path(path) -> Path:
+    """``path`` with ``~`` expanded, made absolute against the current directory and normalised.
+
+    Orbax (and tensorstore under it) misread relative paths, so every path a checkpoint is loaded
+    from or saved to goes through here.
+    """
+    return Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
 
 
 def resolve_default_path(name: str) -> str:

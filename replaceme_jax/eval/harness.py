@@ -40,6 +40,17 @@ def _model_entries(models) -> list[tuple]:
     return entries
 
 
+def check_harness_installed() -> None:
+    """ReplaceMeError unless lm-evaluation-harness (an optional dependency) can be imported; cheap,
+    so a pipeline can call it before hours of work that end with tasks."""
+    import importlib.util
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ReplaceMeError(
+            "lm-eval tasks need the optional package lm-evaluation-harness, which is not installed "
+            "(scripts/run_prune.sh installs the base package only). Fix: pip install -e '.[eval]' "
+            "(or pip install 'lm-eval>=0.4.8'), or run without tasks.")
+
+
 def _check_tasks_available(specs: Sequence[TaskSpec], manager) -> None:
     """Fail before any model runs: missing offline data, or RACE without the hub."""
     for spec in specs:
@@ -107,6 +118,24 @@ def _task_metrics(res: dict, spec: TaskSpec) -> dict:
     return metrics
 
 
+def check_finite_metrics(model: str, spec: TaskSpec, metrics: dict, items: dict | None = None) -> None:
+    """ReplaceMeError when a task metric (or a per-item value of the task's metric) is NaN or inf:
+    a broken model must fail the run, not end up as a number in a table."""
+    bad = {k: v for k, v in metrics.items()
+           if not k.endswith("_stderr") and isinstance(v, float) and not np.isfinite(v)}
+    values = np.asarray((items or {}).get(spec.metric, []), np.float64)
+    bad_items = int(np.sum(~np.isfinite(values)))
+    if not bad and not bad_items:
+        return
+    shown = ", ".join(f"{k} = {v}" for k, v in bad.items()) or f"{spec.metric} per item"
+    of_items = f" ({bad_items} of {values.size} items non-finite)" if bad_items else ""
+    raise ReplaceMeError(
+        f"model {model!r} on task {spec.name}: non-finite metric {shown}{of_items}. The model gives "
+        "NaN/inf log-probabilities: non-finite weights or T (a diverged solve), or overflow in a "
+        "float16/bfloat16 compute dtype. Nothing was written. Fix: evaluate with dtype float32 and "
+        "reload the checkpoint (loading names any non-finite tensor).")
+
+
 def evaluate_models(models, *, tasks: str | Sequence[str] = "paper", limit: int | None = None,
                     heldout_ppl: bool = True, ppl_windows: int | None = None,
                     ppl_window: int = DEFAULT_WINDOW, ppl_stride: int | None = None,
@@ -149,6 +178,7 @@ def evaluate_models(models, *, tasks: str | Sequence[str] = "paper", limit: int 
     if not specs and not heldout_ppl:
         raise ReplaceMeError("nothing to evaluate: no tasks (tasks='none') and heldout_ppl=False")
     if specs:  # the harness (an optional dependency) is only needed for tasks
+        check_harness_installed()
         manager = task_manager(specs)
         _check_tasks_available(specs, manager)
         samples = {spec.name: item_samples(spec, manager, limit, seed) for spec in specs}
@@ -185,6 +215,7 @@ def evaluate_models(models, *, tasks: str | Sequence[str] = "paper", limit: int 
                                           log_samples=True, verbosity="ERROR")
             record["tasks"][spec.name] = _task_metrics(res, spec)
             record["items"][spec.name] = _item_scores(res, spec)
+            check_finite_metrics(name, spec, record["tasks"][spec.name], record["items"][spec.name])
             record["seconds"][spec.name] = round(time.perf_counter() - t0, 1)
         if heldout_ppl:
             t0 = time.perf_counter()

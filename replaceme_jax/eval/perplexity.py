@@ -72,7 +72,8 @@ def tokenize_corpus(tokenizer, texts: Sequence[str], separator: str = DEFAULT_SE
 
 def perplexity(model, tokenizer_or_token_ids, texts: Sequence[str] | None = None, *,
                window: int = DEFAULT_WINDOW, stride: int | None = None, batch_size: int = 4,
-               max_windows: int | None = None, separator: str = DEFAULT_SEPARATOR) -> PerplexityResult:
+               max_windows: int | None = None, separator: str = DEFAULT_SEPARATOR,
+               progress: str | None = None) -> PerplexityResult:
     """Perplexity of ``model`` on a corpus.
 
     Args:
@@ -83,6 +84,7 @@ def perplexity(model, tokenizer_or_token_ids, texts: Sequence[str] | None = None
       stride: None for non-overlapping windows, else the sliding step (1..window).
       batch_size: windows per forward pass.
       max_windows: score only the first this-many windows (None: all).
+      progress: a label to draw a progress bar of finished batches under (None: no bar).
     """
     if max_windows is not None and max_windows < 1:
         raise ReplaceMeError(f"max_windows must be at least 1 (or None for all), got {max_windows}")
@@ -114,10 +116,16 @@ def perplexity(model, tokenizer_or_token_ids, texts: Sequence[str] | None = None
         spans = spans[:max_windows]
     scorer = TokenScorer(model, max_length=window, max_batch_tokens=batch_size * window,
                          max_batch_size=batch_size, buckets=(window,))
-    logprob, _ = scorer.score_pairs([(ids[b:first], ids[first:e]) for b, e, first in spans])
+    logprob, _ = scorer.score_pairs([(ids[b:first], ids[first:e]) for b, e, first in spans], progress=progress)
     total = -float(np.sum(logprob))
     count = sum(e - first for _, e, first in spans)
     nll = total / count
+    if not math.isfinite(nll):  # a report line "nan (nanx dense)" with exit 0 hides a broken model
+        bad = int(np.sum(~np.isfinite(logprob)))
+        raise ReplaceMeError(f"perplexity is not finite: {bad} of {len(spans)} windows scored NaN/inf log-likelihoods; "
+                             "the model's weights or a folded transform are broken (check them with "
+                             "replaceme_jax.checkpoints.finite.non_finite_parameters), or float16 overflowed: "
+                             "use dtype=float32")
     return PerplexityResult(ppl=math.exp(nll), nll=nll, num_tokens=count, num_windows=len(spans),
                             window=window, stride=window if stride is None else stride,
                             corpus_tokens=int(ids.size))

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from replaceme_jax.eval.tasks import AVG_ACC_TASKS, PRESETS, TASKS
+from replaceme_jax.errors import ReplaceMeError
+from replaceme_jax.eval.tasks import AVG_ACC_TASKS, TASKS
 from replaceme_jax.io_utils import atomic_output_dir, atomic_write_json
 
 PAPER_COLUMNS = ("winogrande", "boolq", "openbookqa", "piqa", "sciq", "race")
-EXTRA_COLUMNS = PRESETS["extra"]
 
 
 def avg_acc(record: dict) -> float | None:
@@ -89,9 +89,36 @@ def paired_intervals(results: dict, *, iters: int = BOOTSTRAP_ITERS, seed: int =
     return out
 
 
+def non_finite_metrics(results: dict) -> list[str]:
+    """'model / task: metric = value' for every NaN/inf task metric or held-out perplexity
+    (standard errors excluded: one item has none)."""
+    out = []
+    for name, rec in results.get("models", {}).items():
+        for task, metrics in rec.get("tasks", {}).items():
+            out += [f"{name} / {task}: {k} = {v}" for k, v in metrics.items()
+                    if not k.endswith("_stderr") and isinstance(v, float) and not math.isfinite(v)]
+        ppl = (rec.get("heldout_ppl") or {}).get("ppl")
+        if isinstance(ppl, float) and not math.isfinite(ppl):
+            out.append(f"{name} / held-out: ppl = {ppl}")
+    return out
+
+
+def check_finite_results(results: dict) -> None:
+    """ReplaceMeError listing the non-finite metrics of ``results``, if any."""
+    bad = non_finite_metrics(results)
+    if bad:
+        raise ReplaceMeError(
+            f"evaluation failed: {len(bad)} non-finite metric(s): {'; '.join(bad[:8])}"
+            f"{' ...' if len(bad) > 8 else ''}. The model gives NaN/inf log-probabilities (non-finite "
+            "weights or T, or float16/bfloat16 overflow); nothing was written. Fix: evaluate in "
+            "float32 and reload the checkpoint (loading names any non-finite tensor).")
+
+
 def _fmt(x, digits=3) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
+    if x is None:
         return "–"
+    if isinstance(x, float) and not math.isfinite(x):
+        return f"**{x}**"  # a broken value is shown, not hidden as "missing"
     return f"{x:.{digits}f}"
 
 
@@ -138,7 +165,8 @@ def paper_table(results: dict) -> str:
 
 
 def extra_table(results: dict) -> str | None:
-    cols = [t for t in EXTRA_COLUMNS if t in results["tasks"]]
+    # Every task the paper table does not show (the extra preset, GSM8K, ...), in the run's order.
+    cols = [t for t in results["tasks"] if t not in PAPER_COLUMNS and t != "lambada_openai"]
     if not cols:
         return None
     header = ["Model"] + [f"{TASKS[t].label} ({TASKS[t].metric})" for t in cols]
@@ -212,7 +240,9 @@ def timing_table(results: dict) -> str:
 
 
 def format_report(results: dict) -> str:
-    parts = ["## Paper tasks", "", paper_table(results), ""]
+    bad = non_finite_metrics(results)
+    parts = ([f"**FAILED: {len(bad)} non-finite metric(s):** " + "; ".join(bad), ""] if bad else [])
+    parts += ["## Paper tasks", "", paper_table(results), ""]
     extra = extra_table(results)
     if extra:
         parts += ["## Other tasks", "", extra, ""]
@@ -277,7 +307,9 @@ def bar_chart_png(results: dict) -> bytes:
 
 
 def write_outputs(results: dict, output_dir, *, overwrite: bool = False) -> Path:
-    """results.json, report.md and tasks.png, written into ``output_dir`` in one rename."""
+    """results.json, report.md and tasks.png, written into ``output_dir`` in one rename; a
+    ReplaceMeError (and nothing written) when a metric is NaN or inf."""
+    check_finite_results(results)
     with atomic_output_dir(output_dir, overwrite=overwrite, what="evaluation output") as tmp:
         atomic_write_json(tmp / "results.json", results)
         (tmp / "report.md").write_text(format_report(results), encoding="utf-8")

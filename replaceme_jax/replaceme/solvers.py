@@ -102,6 +102,31 @@ def _host_statistics(ne: NormalEquations) -> tuple[np.ndarray, np.ndarray, float
     return mtm, mtr, rtr
 
 
+def check_transform(T, solver: str, cause: str, *, cut=None) -> np.ndarray:
+    """T as a host array, or a ReplaceMeError naming the solver (and the cut, when given), how many
+    entries are NaN/inf, and ``cause``: the likely reason and its fix. No non-finite T leaves a solver."""
+    T = np.asarray(T)
+    finite = np.isfinite(T)
+    if finite.all():
+        return T
+    where = f" for cut [{cut[0]}, {cut[1]})" if cut is not None else ""
+    raise ReplaceMeError(
+        f"{solver} solver{where} produced a non-finite T ({int(np.isnan(T).sum())} NaN, "
+        f"{int(np.isinf(T).sum())} inf of {T.size} entries); nothing was exported. Likely cause: {cause}")
+
+
+_OVERFLOW_CAUSE = ("the statistics are finite but too large or too ill-conditioned to solve in {precision} "
+                   "(largest |MᵀM| entry {scale:.3g}): activations overflowing in float16/bfloat16 "
+                   "(compute dtype), or a corrupt/diverged model. Fix: solve with precision='float64', "
+                   "run the model in float32, or add a ridge alpha.")
+
+
+def _scale(x) -> float:
+    x = np.abs(np.asarray(x, np.float64))
+    x = x[np.isfinite(x)]
+    return float(x.max()) if x.size else float("nan")
+
+
 def _check_alpha(alpha) -> float:
     alpha = float(alpha)
     if not alpha >= 0.0:
@@ -172,6 +197,7 @@ def lstsq(ne: NormalEquations, alpha: float = 0.0, *, precision: str = "float64"
         T, used_cholesky, rank = np.asarray(x), bool(used_cholesky), int(rank)
     else:
         raise ReplaceMeError(f"unknown lstsq precision {precision!r}; use 'float64' or 'float32'")
+    T = check_transform(T, "lstsq", _OVERFLOW_CAUSE.format(precision=precision, scale=_scale(ne.mtm)))
     if not used_cholesky:
         logger.warning(
             "lstsq: MᵀM + %gI is singular or not positive definite in %s (numerical rank %d of %d; "
@@ -195,11 +221,17 @@ def diag(ne: NormalEquations, alpha: float = 0.0) -> SolveResult:
     mtm, mtr, _ = _host_statistics(ne)
     denominator = np.diagonal(mtm) + alpha
     dead = denominator <= 0
-    t = np.where(dead, 0.0, np.diagonal(mtr) / np.where(dead, 1.0, denominator))
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below, by name
+        t = np.where(dead, 0.0, np.diagonal(mtr) / np.where(dead, 1.0, denominator))
     if dead.any():
         logger.warning("diag: %d of %d features are zero on all calibration tokens; their scale is set to 0",
                        int(dead.sum()), t.size)
-    T = np.diag(t)
+    T = check_transform(np.diag(t), "diag", (
+        "a feature's MᵀM diagonal is tiny next to its MᵀR entry (largest |MᵀR| "
+        f"{_scale(np.diagonal(mtr)):.3g}, smallest non-zero MᵀM diagonal "
+        f"{float(np.min(denominator[~dead], initial=np.inf)):.3g}): overflowing or underflowing "
+        "statistics (float16/bfloat16 activations) or a corrupt model. Fix: run the model in "
+        "float32, or add a ridge alpha."))
     info = {"solver": "diag", "alpha": alpha, "dead_features": int(dead.sum()), "tokens": int(ne.count),
             "loss": "relative_residual", "seconds": time.perf_counter() - start}
     return SolveResult(T=T, loss_history=(), final_loss=relative_residual(ne, T), info=info)
@@ -360,6 +392,11 @@ def cosine(source: TokenBuffer, *, d: int | None = None, init="identity", loss: 
     state = OPTIMIZERS[optimizer](lr).init(T)
     hyper = (jnp.float32(lr), jnp.float32(l1), jnp.float32(l2))
     initial_loss = evaluate_loss(source, T, loss=loss, l1=l1, l2=l2)
+    if not np.isfinite(initial_loss):
+        raise ReplaceMeError(
+            f"cosine solver: the objective at the initial T is {initial_loss}: the token buffer holds "
+            "NaN/inf activations (overflow in float16/bfloat16, or a corrupt model) or the init T is "
+            "not finite. Fix: run the model in float32 and check the checkpoint.")
     rng = np.random.default_rng(seed)
     max_chunk_steps = max(1, int(chunk_bytes) // (int(batch_size) * 3 * width * 4))
     history = []
@@ -377,11 +414,16 @@ def cosine(source: TokenBuffer, *, d: int | None = None, init="identity", loss: 
         done += window
         window_loss = float(jnp.mean(jnp.concatenate(values)))
         if not np.isfinite(window_loss):
-            raise ReplaceMeError(f"cosine solver diverged (loss {window_loss} at step {done}); lower lr")
+            raise ReplaceMeError(
+                f"cosine solver diverged: loss {window_loss} at step {done} of {steps} ({optimizer}, "
+                f"lr {lr:g}); nothing was exported. Fix: lower lr (e.g. {lr / 10:g}), or start from "
+                "init='lstsq'.")
         history.append((done, window_loss))
         logger.info("cosine solver (%s): step %d/%d, loss %.6g", loss, done, steps, window_loss)
 
-    T = np.asarray(T)
+    T = check_transform(T, "cosine", (
+        f"the {optimizer} optimizer diverged (lr {lr:g}). Fix: lower lr (e.g. {lr / 10:g}), or start "
+        "from init='lstsq'."))
     final_loss = evaluate_loss(source, T, loss=loss, l1=l1, l2=l2)
     info = {"solver": "cosine", "loss": loss, "optimizer": optimizer, "lr": float(lr), "steps": int(steps),
             "batch_size": int(batch_size), "l1": float(l1), "l2": float(l2), "seed": int(seed),
