@@ -22,6 +22,7 @@ import numpy as np
 
 from benchmarks import flops
 from replaceme_jax.data.batching import segment_lengths
+from replaceme_jax.settings import Settings
 from replaceme_jax.models.modeling import ATTENTION_CHUNK
 
 log = logging.getLogger(__name__)
@@ -242,14 +243,7 @@ def quality(dense, tokenizer, batches, cfg, cut, *, ppl_windows: int, window: in
             {"variant": "drop (no transform, T = I)", "ppl": ppl(apply_cuts(dense, [cut])),
              "cosine_loss": cosine_loss(np.eye(d, dtype=np.float32))}]
     for name, overrides in variants:
-        c = cfg.copy_and_resolve_references()
-        c.cuts, c.candidates = f"{cut[0]}-{cut[1]}", "selected"
-        for key, value in overrides.items():
-            node = c
-            *parents, leaf = key.split(".")
-            for p in parents:
-                node = node[p]
-            node[leaf] = value
+        c = Settings.from_config(cfg).replace(cuts=f"{cut[0]}-{cut[1]}", candidates="selected", **overrides)
         t0 = time.perf_counter()
         result = prune(dense, batches, c)
         seconds = time.perf_counter() - t0

@@ -263,6 +263,16 @@ def _abstract_model(config: ModelConfig):
     return abstract_model(config)
 
 
+def parameter_count(config: ModelConfig) -> tuple[int, int]:
+    """(parameters of the model, parameters of one block), from shapes alone."""
+    from flax import nnx
+    state = nnx.state(_abstract_model(config), nnx.Param)
+    leaves = jax.tree_util.tree_leaves_with_path(state)
+    total = sum(int(np.prod(x.shape)) for _, x in leaves)
+    block = sum(int(np.prod(x.shape)) for path, x in leaves if "['layers'][0]" in jax.tree_util.keystr(path))
+    return total, block
+
+
 def _windows(config: ModelConfig):
     from replaceme_jax.models.modeling import layer_windows
     return layer_windows(config)
@@ -311,18 +321,18 @@ def device_peak_bytes() -> int | None:
     return max(peaks) if peaks else None
 
 
-def run_requests(cfg, num_blocks: int) -> list:
+def run_requests(cfg, depth: int) -> list:
     """The statistics passes a run config makes, as requests: the candidate pass (distances, and
     every cut's normal equations with candidates=all), then, when the chosen cuts were not among
     the candidates, a pass for them (modelled as ``num_transforms`` cuts of ``num_blocks`` blocks
-    ending at the last block, the deepest and so the largest such pass)."""
+    ending at the last block of the ``depth``-block model, the deepest and so the largest such pass)."""
     from replaceme_jax.replaceme.pipeline import statistics_request
     from replaceme_jax.replaceme.statistics import StatsRequest
-    first = statistics_request(cfg, num_blocks)
+    first = statistics_request(cfg, depth)
     n, k = int(cfg.num_blocks), max(int(cfg.num_transforms), 1)
     cuts = []
     for i in range(k):
-        end = num_blocks - i * (n + 1)
+        end = depth - i * (n + 1)
         if end - n >= 1:
             cuts.append((end - n, end))
     if cfg.candidates == "all" or not cuts:
@@ -367,6 +377,10 @@ def model_config_of(cfg) -> ModelConfig:
     if os.path.isfile(os.path.join(path, "config.json")):
         return ModelConfig.from_hf_config(os.path.join(path, "config.json"), **overrides)
     if path.endswith(".gguf") and os.path.isfile(path):
+        from replaceme_jax.checkpoints import converted_default_dir
+        converted = converted_default_dir(os.path.basename(path).removesuffix(".gguf"), path) / "config.json"
+        if converted.is_file():  # its conversion's config: parsing a GGUF's vocabulary takes seconds
+            return ModelConfig.from_hf_config(str(converted), **overrides)
         from replaceme_jax.checkpoints.gguf import _open, config_from_gguf
         return config_from_gguf(_open(path), path).replace(**overrides)
     raise ReplaceMeError(f"cannot find the architecture of model {cfg.model!r} without its files; fix: "
@@ -384,5 +398,5 @@ def dry_run(cfg, backend: str | None = None) -> MemoryModel:
 
 
 __all__ = ["MemoryModel", "statistics_memory", "compile_statistics_step", "xla_memory", "device_peak_bytes",
-           "dry_run", "run_memory", "run_requests", "run_memory_report", "model_config_of", "published_config",
+           "dry_run", "parameter_count", "run_memory", "run_requests", "run_memory_report", "model_config_of", "published_config",
            "PUBLISHED_ARCHITECTURES", "format_bytes"]

@@ -30,7 +30,9 @@ def main(argv) -> int:
 
     from replaceme_jax.baselines.ablation import load_rows, results_markdown, run_sweep, selection_markdown
     datasets.disable_progress_bars()
+    from replaceme_jax.settings import Settings
     cfg = CONFIG.value
+    Settings.from_config(cfg.pipeline)  # the shared pipeline settings, checked before the sweep starts
     run_sweep(cfg)
     rows = load_rows(cfg.output_dir, cfg)
     print(results_markdown(rows, cfg))

@@ -25,16 +25,22 @@ DRY_RUN_BACKEND = flags.DEFINE_enum("dry_run_backend", None, ["cpu", "gpu", "tpu
 def main(argv) -> int:
     if len(argv) > 1:
         raise ReplaceMeError(f"unexpected arguments {argv[1:]}; pass settings as --config.<field>=...")
+    from replaceme_jax.settings import Settings
+    settings = Settings.from_config(CONFIG.value)  # every setting checked before anything is loaded
     if DRY_RUN.value:
         from replaceme_jax.memory import dry_run
-        print(dry_run(CONFIG.value, backend=DRY_RUN_BACKEND.value).format())
+        print(dry_run(settings, backend=DRY_RUN_BACKEND.value).format())
         return 0
     from replaceme_jax.replaceme.pipeline import run
     from replaceme_jax.replaceme.report import format_report
-    _, report = run(CONFIG.value)
+    _, report = run(settings)
     print(format_report(report))
-    print(f"outputs: {CONFIG.value.output_dir} (report.json, transforms.npz, distances/scores .csv/.png, "
-          "orbax/, hf/)")
+    saved = [name for name, on in (("orbax/", settings.save_orbax), ("hf/", settings.export_hf)) if on]
+    print(f"outputs: {settings.output_dir} (report.json, transforms.npz, distances/scores .csv/.png"
+          + "".join(f", {s}" for s in saved) + ")")
+    if settings.export_hf:
+        print("load the pruned model: replaceme_jax.checkpoints.load_pretrained(<output>/hf or <output>/orbax); "
+              "transformers.AutoModelForCausalLM.from_pretrained(<output>/hf) needs PyTorch installed")
     return 0
 
 

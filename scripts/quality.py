@@ -7,7 +7,6 @@ each solver, for the cut each selection rule picks. Writes quality.json and qual
 """
 from __future__ import annotations
 
-import copy
 import time
 
 from absl import flags
@@ -36,9 +35,10 @@ def main(argv) -> int:
     from replaceme_jax.replaceme.statistics import gather_statistics
     from replaceme_jax.replaceme.surgery import apply_cuts
 
-    cfg = CONFIG.value
+    from replaceme_jax.settings import Settings
+    cfg = Settings.from_config(CONFIG.value)  # checked before the model loads
     model, tok = load_pretrained(cfg.model, param_dtype=cfg.param_dtype, dtype=cfg.dtype)
-    batches = calibration_batches(tok, cfg.calibration)
+    batches = calibration_batches(tok, cfg)
     t0 = time.perf_counter()
     stats = gather_statistics(model, batches, statistics_request(cfg, model.config.num_hidden_layers),
                               progress=True)
@@ -47,7 +47,7 @@ def main(argv) -> int:
     ppl = lambda m: perplexity(m, ids, window=cfg.eval.window, max_windows=cfg.eval.perplexity_windows)  # noqa: E731
     dense = ppl(model)
     rows = [{"rule": "-", "cut": "-", "method": "dense", "ppl": dense.ppl, "relative_residual": None}]
-    n = int(cfg.num_blocks)
+    n = cfg.num_blocks
     for rule in RULES.value:
         scores = sel.get_rule(rule)(stats, n, alpha=cfg.alpha)
         (cut,) = sel.choose_cuts(scores, 1)
@@ -55,8 +55,7 @@ def main(argv) -> int:
         rows.append({"rule": rule, "cut": label, "method": "drop", "ppl": ppl(apply_cuts(model, [cut])).ppl,
                      "relative_residual": 1.0})
         for solver in SOLVERS.value:
-            c = copy.deepcopy(cfg)
-            c.solver, c.cuts, c.progress = solver, f"{cut[0]}-{cut[1]}", False
+            c = cfg.replace(solver=solver, cuts=f"{cut[0]}-{cut[1]}", progress=False)
             t = time.perf_counter()
             result = prune(model, batches, c, stats=stats)
             rows.append({"rule": rule, "cut": label, "method": solver, "ppl": ppl(result.model).ppl,

@@ -100,7 +100,7 @@ def test_empty_calibration(smollm2, tmp_path):
     _, tok = smollm2
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
-    cfg = small_config(tmp_path, **{"calibration.source": str(empty), "calibration.num_samples": 0})
+    cfg = small_config(tmp_path, **{"calibration.source": str(empty), "calibration.num_samples": None})
     with pytest.raises(ReplaceMeError, match="no non-empty text|empty"):
         calibration_batches(tok, cfg.calibration)
 

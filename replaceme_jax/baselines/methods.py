@@ -27,10 +27,10 @@ from replaceme_jax.replaceme import selection as sel
 from replaceme_jax.replaceme import solvers
 from replaceme_jax.replaceme.statistics import Cut, Statistics, StatsRequest, gather_statistics
 from replaceme_jax.replaceme.surgery import apply_cuts
+from replaceme_jax.settings import SOLVERS as SOLVER_NAMES
+from replaceme_jax.settings import TOKEN_SOLVERS, Settings
 
 METHODS = ("replaceme", "drop", "shortgpt", "sleb")
-TOKEN_SOLVERS = ("cosine", "cosine_accurate", "mse")
-SOLVER_NAMES = (*CLOSED_FORM, *TOKEN_SOLVERS)
 
 
 @dataclasses.dataclass
@@ -95,10 +95,8 @@ def replaceme(model, batches, stats: Statistics, n: int, *, solver: str = "lstsq
         if cfg is None:
             raise ReplaceMeError(f"solver {solver!r} trains on calibration tokens and needs the pipeline "
                                  "config (cfg=) for its optimiser settings")
-        run_cfg = cfg.copy_and_resolve_references()
-        run_cfg.solver, run_cfg.alpha, run_cfg.num_blocks = solver, alpha, n
-        run_cfg.cuts = ",".join(f"{s}-{e}" for s, e in cuts)
-        run_cfg.candidates = "selected"
+        run_cfg = Settings.from_config(cfg).replace(solver=solver, alpha=alpha, num_blocks=n, candidates="selected",
+                                                    cuts=",".join(f"{s}-{e}" for s, e in cuts))
         if len(cuts) == 1:  # the cached normal equations give the lstsq init; no second pass
             (ne,) = _normal_equations(model, batches, stats, cuts, include_pad, accum)
             solve = pipeline.solve_cut(model, batches, cuts[0], ne, run_cfg)

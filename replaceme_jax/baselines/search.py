@@ -20,8 +20,9 @@ from replaceme_jax.errors import ReplaceMeError
 from replaceme_jax.replaceme import selection, solvers
 from replaceme_jax.replaceme.statistics import Cut, Statistics, candidate_cuts
 from replaceme_jax.replaceme.surgery import apply_cuts
+from replaceme_jax.settings import CLOSED_FORM_SOLVERS
 
-CLOSED_FORM = ("lstsq", "diag", "orth_diag")
+CLOSED_FORM = CLOSED_FORM_SOLVERS
 
 
 def transform_solver(name: str) -> Callable | None:

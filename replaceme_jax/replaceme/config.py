@@ -1,4 +1,8 @@
-"""Default ReplaceMe run settings as an ml_collections ConfigDict (configs/*.py override these)."""
+"""Default ReplaceMe run settings as an ml_collections ConfigDict (configs/*.py override these).
+
+The entry points turn it into a validated ``replaceme_jax.settings.Settings`` before loading anything;
+the fields and their ranges are documented there.
+"""
 from __future__ import annotations
 
 import ml_collections
@@ -12,7 +16,7 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.calibration = ml_collections.ConfigDict()
     c.calibration.source = "boolq"  # boolq | hellaswag | local file/folder | hf:<dataset name>
-    c.calibration.num_samples = 256
+    c.calibration.num_samples = 256  # passages; None (Python) takes all
     c.calibration.max_length = 512
     c.calibration.batch_size = 8
     c.calibration.seed = 0
@@ -24,17 +28,19 @@ def default_config() -> ml_collections.ConfigDict:
     c.calibration.include_pad = False   # True reproduces the official code (pads counted)
     c.calibration.packing = True        # several sequences per row, kept apart by the mask (fewer
                                         # positions run; ignored with include_pad)
+    c.calibration.validation_fraction = 0.1  # share of the source held out (search rule's validation)
+    c.calibration.validation_samples = 32    # validation passages the search rule scores cuts on
 
     c.num_blocks = 8                # blocks per cut (the official `layers_to_skip`)
     c.num_transforms = 1            # number of cuts (the official `num_A`)
     c.merge_consecutive = True
-    c.selection = "residual"        # angular | residual (see README: residual is better on SmolLM2)
+    c.selection = "residual"        # angular | residual | search (validation NLL of every cut)
     c.cuts = ""                     # explicit cuts, e.g. "20-28" (end exclusive); overrides selection
     c.candidates = "all"            # all: normal equations for every cut of num_blocks (residual rule,
                                     # residual table); selected: only the chosen cuts (less memory)
     c.accum_dtype = "auto"          # float64 sums except on TPU (float32 + Kahan there)
 
-    c.solver = "lstsq"              # lstsq | diag | cosine | cosine_accurate | mse
+    c.solver = "lstsq"              # lstsq | diag | orth_diag | cosine | cosine_accurate | mse
     c.alpha = 0.0                   # ridge for lstsq/diag (and the cosine init)
     c.multi_cut = "auto"            # one_pass | sequential | auto (lstsq: one_pass, cosine: sequential)
     c.cosine = ml_collections.ConfigDict()

@@ -9,6 +9,7 @@ evaluation and the report, and is what ``scripts/prune.py`` calls.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from contextlib import contextmanager
 from typing import Any
@@ -23,22 +24,27 @@ from replaceme_jax.replaceme import selection as sel
 from replaceme_jax.replaceme.statistics import (Cut, Statistics, StatsRequest, candidate_cuts,
                                                 gather_statistics, gather_tokens)
 from replaceme_jax.replaceme.surgery import apply_cuts
-
-TOKEN_SOLVERS = {"cosine": "cosine", "cosine_accurate": "cosine_accurate", "mse": "mse"}
-CLOSED_FORM_SOLVERS = ("lstsq", "diag")
+from replaceme_jax.settings import CLOSED_FORM_SOLVERS, TOKEN_SOLVERS, Settings, check_against_model
 
 
 class Timer:
-    """Wall-clock seconds per named stage."""
+    """Wall-clock seconds per named stage; with ``log``, a line when a described stage starts and ends,
+    so a long run is never silent (the loops inside a stage draw their own progress bars)."""
 
-    def __init__(self):
+    def __init__(self, log: bool = False):
         self.times: dict[str, float] = {}
+        self.log = log
 
     @contextmanager
-    def __call__(self, name: str):
+    def __call__(self, name: str, what: str | None = None):
         t0 = time.perf_counter()
+        if self.log and what:
+            print(f"[replaceme] {what} ...", file=sys.stderr, flush=True)
         yield
-        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        self.times[name] = self.times.get(name, 0.0) + dt
+        if self.log and what:
+            print(f"[replaceme] {what}: done in {dt:.1f} s", file=sys.stderr, flush=True)
 
 
 @dataclasses.dataclass
@@ -53,45 +59,31 @@ class PruneResult:
     times: dict[str, float]
 
 
-def calibration_batches(tokenizer, cal, *, part: str = "calibration"):
-    """Calibration texts -> static-shape batches (``cal`` is the ``calibration`` config block)."""
+def calibration_batches(tokenizer, cal, *, part: str = "calibration", num_samples=...):
+    """Calibration texts -> static-shape batches (``cal``: the ``calibration`` settings or config block;
+    ``num_samples`` overrides its passage count, e.g. for the validation part)."""
     from replaceme_jax.data import load_calibration_texts, make_batches, tokenize_texts
+    if not isinstance(cal, Settings):
+        cal = Settings.from_config({"calibration": cal.to_dict() if hasattr(cal, "to_dict") else dict(cal)})
     texts = load_calibration_texts(
-        cal.source, num_samples=cal.num_samples or None, seed=cal.seed, part=part,
-        text_column=cal.text_column or None, messages_column=cal.messages_column or None,
-        tokenizer=tokenizer, hf_config=cal.hf_config or None, hf_split=cal.hf_split)
-    add_bos = cal.add_bos
-    if add_bos == "auto":  # follow the tokenizer: SmolLM2's does not prepend BOS, Llama's does
-        probe = tokenizer("a")["input_ids"]
-        add_bos = bool(probe) and tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id
-    tokens = tokenize_texts(texts, tokenizer, cal.max_length, add_bos=bool(add_bos))
+        cal.calibration.source, num_samples=cal.calibration.num_samples if num_samples is ... else num_samples,
+        seed=cal.calibration.seed, part=part, validation_fraction=cal.calibration.validation_fraction,
+        text_column=cal.calibration.text_column or None, messages_column=cal.calibration.messages_column or None,
+        tokenizer=tokenizer, hf_config=cal.calibration.hf_config or None, hf_split=cal.calibration.hf_split)
+    c = cal.calibration
+    tokens = tokenize_texts(texts, tokenizer, c.max_length, add_bos=cal.resolved_add_bos(tokenizer))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # Packing needs every real token weighted alike: the official pad-counting mode keeps one per row.
-    pack = bool(cal.get("packing", True)) and not cal.include_pad
-    return make_batches(tokens, batch_size=cal.batch_size, max_length=cal.max_length, pad_id=int(pad),
+    pack = c.packing and not c.include_pad
+    return make_batches(tokens, batch_size=c.batch_size, max_length=c.max_length, pad_id=int(pad),
                         pack=pack)
-
-
-def _multi_cut_mode(cfg) -> str:
-    mode = cfg.multi_cut
-    if mode == "auto":
-        return "sequential" if cfg.solver in TOKEN_SOLVERS else "one_pass"
-    if mode not in ("one_pass", "sequential"):
-        raise ReplaceMeError(f"multi_cut={mode!r}: use one_pass, sequential or auto")
-    return mode
-
-
-def _check_solver(name: str):
-    if name not in TOKEN_SOLVERS and name not in CLOSED_FORM_SOLVERS:
-        raise ReplaceMeError(f"unknown solver {name!r}; choose one of "
-                             f"{sorted([*CLOSED_FORM_SOLVERS, *TOKEN_SOLVERS])}")
 
 
 def solve_cut(model, batches, cut: Cut, ne, cfg):
     """T for one cut: closed form from the normal equations, or Optax on streamed tokens."""
     from replaceme_jax.replaceme import solvers
+    cfg = Settings.from_config(cfg)
     name = cfg.solver
-    _check_solver(name)
     if name in CLOSED_FORM_SOLVERS:
         return solvers.get_solver(name)(ne, alpha=cfg.alpha)
     from replaceme_jax.replaceme.token_buffer import TokenBuffer
@@ -102,51 +94,58 @@ def solve_cut(model, batches, cut: Cut, ne, cfg):
     with TokenBuffer(capacity, d, seed=cfg.seed, path=c.buffer_dir or None) as buffer:
         gather_tokens(model, batches, cut, buffer, include_pad=cfg.calibration.include_pad,
                       progress=cfg.progress, plan=plan_from_config(cfg))
-        return solvers.cosine(buffer, d=d, init=init, loss=TOKEN_SOLVERS[name], optimizer=c.optimizer,
+        return solvers.cosine(buffer, d=d, init=init, loss=name, optimizer=c.optimizer,
                               lr=c.lr, steps=c.steps, batch_size=c.batch_size, l1=c.l1, l2=c.l2,
                               seed=cfg.seed)
 
 
-def statistics_request(cfg, num_blocks: int) -> StatsRequest:
-    n = int(cfg.num_blocks)
-    if n >= num_blocks or n < 1:
-        raise ReplaceMeError(f"num_blocks={n} but the model has {num_blocks} blocks: choose "
-                             f"1 <= num_blocks <= {num_blocks - 2} (a cut needs an anchor block before it)")
-    if cfg.candidates not in ("all", "selected"):
-        raise ReplaceMeError(f"candidates={cfg.candidates!r}: use 'all' or 'selected'")
-    cuts = candidate_cuts(num_blocks, n) if cfg.candidates == "all" else ()
-    return StatsRequest(max_distance_blocks=num_blocks - 1, cuts=cuts,
+def statistics_request(cfg, depth: int) -> StatsRequest:
+    """What the one pass over a ``depth``-block model gathers for these settings."""
+    cfg = Settings.from_config(cfg)
+    check_against_model(cfg, depth)
+    cuts = candidate_cuts(depth, cfg.num_blocks) if cfg.candidates == "all" else ()
+    return StatsRequest(max_distance_blocks=depth - 1, cuts=cuts,
                         include_pad=cfg.calibration.include_pad, accum_dtype=cfg.accum_dtype)
 
 
-def prune(model: CausalLM, batches, cfg, *, stats: Statistics | None = None) -> PruneResult:
+def prune(model: CausalLM, batches, cfg, *, stats: Statistics | None = None, validation=None,
+          timer: Timer | None = None) -> PruneResult:
     """Select cuts, estimate a transform per cut, and fold them in. No files are touched.
 
-    ``stats``: a pass already gathered on this model and these batches (e.g. cached by an ablation
-    sweep); it is used instead of a new pass.
+    ``cfg``: ``Settings`` (or a config, validated here). ``stats``: a pass already gathered on this
+    model and these batches (e.g. cached by an ablation sweep); it is used instead of a new pass.
+    ``validation``: batches of the calibration source's validation part, for the ``search`` rule.
     """
     from replaceme_jax.replaceme import solvers
-    _check_solver(cfg.solver)
-    timer = Timer()
+    cfg = Settings.from_config(cfg)
+    timer = Timer() if timer is None else timer
+    batches = list(batches)
     plan = plan_from_config(cfg)  # None: one device; else the mesh of cfg.mesh, weights placed on it
     if plan is not None:
         model = plan.shard_model(model)
-    num_blocks = model.config.num_hidden_layers
-    user_cuts = sel.parse_cuts(cfg.cuts, num_blocks) if cfg.cuts else None
+    depth, n = model.config.num_hidden_layers, cfg.num_blocks
+    check_against_model(cfg, depth)
+    user_cuts = sel.parse_cuts(cfg.cuts, depth) if cfg.cuts else None
     rule = sel.get_rule(cfg.selection) if user_cuts is None else None  # fail before the pass
+    if rule is not None and getattr(rule, "needs_model", False) and validation is None:
+        raise ReplaceMeError(f"selection={cfg.selection!r} scores pruned models on validation batches; pass "
+                             "validation= (pipeline.run builds them from the calibration source)")
     scores: dict[str, dict[Cut, float]] = {}
     if stats is None and (user_cuts is None or cfg.candidates == "all"):
-        request = statistics_request(cfg, num_blocks)
-        with timer("statistics"):
+        request = statistics_request(cfg, depth)
+        with timer("statistics", f"statistics pass over {len(batches)} batches ({len(request.cuts)} candidate cuts)"):
             stats = gather_statistics(model, batches, request, progress=cfg.progress, plan=plan)
     if stats is not None:
-        with timer("selection"):
-            scores["angular"] = sel.angular_scores(stats, int(cfg.num_blocks))
-            if all(c in stats.request.cuts for c in candidate_cuts(num_blocks, int(cfg.num_blocks))):
-                scores["residual"] = sel.residual_scores(stats, int(cfg.num_blocks), alpha=cfg.alpha)
-            if user_cuts is None:
-                if cfg.selection not in scores:
-                    scores[cfg.selection] = rule(stats, int(cfg.num_blocks), alpha=cfg.alpha)
+        with timer("selection", f"scoring cuts of {n} blocks ({cfg.selection if user_cuts is None else 'user cuts'})"):
+            scores["angular"] = sel.angular_scores(stats, n)
+            if all(c in stats.request.cuts for c in candidate_cuts(depth, n)):
+                scores["residual"] = sel.residual_scores(stats, n, alpha=cfg.alpha)
+            if user_cuts is None and cfg.selection not in scores:
+                extra = {}
+                if getattr(rule, "needs_model", False):
+                    extra = dict(model=model, validation=validation, progress=cfg.progress,
+                                 solver=cfg.solver if cfg.solver in CLOSED_FORM_SOLVERS else "lstsq")
+                scores[cfg.selection] = rule(stats, n, alpha=cfg.alpha, **extra)
     with timer("selection"):
         cuts = user_cuts or sel.choose_cuts(scores[cfg.selection], cfg.num_transforms, cfg.merge_consecutive)
 
@@ -154,19 +153,22 @@ def prune(model: CausalLM, batches, cfg, *, stats: Statistics | None = None) -> 
 
     def solve(on_model, cut, st):
         ne = st.normal_equations(cut)
-        with timer("solve"):
-            result = solve_cut(on_model, batches, cut, ne, cfg)
+        with timer("solve", f"solving T for cut [{cut[0]}, {cut[1]}) ({cfg.solver})"):
+            try:
+                result = solve_cut(on_model, batches, cut, ne, cfg)
+            except ReplaceMeError as e:
+                raise ReplaceMeError(f"cut [{cut[0]}, {cut[1]}) ({cfg.solver}): {e}") from None
         transforms.append(np.asarray(result.T))
         solves.append(result)
         residuals.append(float(solvers.relative_residual(ne, result.T)))
 
     def cut_statistics(on_model, cuts_needed):
-        with timer("statistics"):
+        with timer("statistics", f"statistics pass for cuts {list(cuts_needed)}"):
             return gather_statistics(on_model, batches, StatsRequest(
                 cuts=tuple(cuts_needed), include_pad=cfg.calibration.include_pad, accum_dtype=cfg.accum_dtype),
-                plan=plan)
+                plan=plan, progress=cfg.progress)
 
-    if _multi_cut_mode(cfg) == "one_pass" or len(cuts) == 1:
+    if cfg.multi_cut_mode == "one_pass" or len(cuts) == 1:
         have_all = stats is not None and all(c in stats.request.cuts for c in cuts)
         stats_cuts = stats if have_all else cut_statistics(model, cuts)
         for cut in cuts:
@@ -186,41 +188,78 @@ def prune(model: CausalLM, batches, cfg, *, stats: Statistics | None = None) -> 
                        solves=solves, residuals=residuals, times=timer.times)
 
 
+def estimated_output_bytes(cfg: Settings) -> int | None:
+    """Bytes the run's outputs need on disk (checkpoints of the pruned model, from its architecture
+    alone; None when it cannot be known before loading, e.g. for an Orbax input)."""
+    import jax.numpy as jnp
+
+    from replaceme_jax.memory import model_config_of, parameter_count
+    try:
+        config = model_config_of(cfg)
+    except ReplaceMeError:
+        return None
+    total, per_block = parameter_count(config)
+    kept = total - per_block * min(cfg.num_blocks * cfg.num_transforms, config.num_hidden_layers - 1)
+    copies = int(cfg.save_orbax) + int(cfg.export_hf)
+    return kept * jnp.dtype(cfg.param_dtype).itemsize * copies + (64 << 20)  # + tokenizer, tables, plots
+
+
+def preflight(cfg: Settings) -> None:
+    """Everything that can fail about the output before the (long) run starts."""
+    from replaceme_jax.io_utils import preflight_output_dir
+    preflight_output_dir(cfg.output_dir, overwrite=cfg.overwrite, needed_bytes=estimated_output_bytes(cfg),
+                         what="run output", overwrite_hint="--config.overwrite=True")
+    if cfg.evaluate:
+        from replaceme_jax.eval.harness import check_harness_installed
+        check_harness_installed()
+
+
 def run(cfg) -> tuple[PruneResult, dict]:
-    """Load, calibrate, prune, evaluate and save; returns the result and the JSON report."""
+    """Validate, load, calibrate, prune, evaluate and save; returns the result and the JSON report."""
     from replaceme_jax.checkpoints import load_pretrained
     from replaceme_jax.replaceme import report as rep
-    timer = Timer()
-    if cfg.get("distributed", False):
+    cfg = Settings.from_config(cfg)  # every setting checked before anything is loaded
+    preflight(cfg)
+    timer = Timer(log=cfg.progress)
+    if cfg.distributed:
         import jax
         jax.distributed.initialize()
     plan = plan_from_config(cfg)
-    with timer("load"):  # each parameter is read straight into its sharding
+    with timer("load", f"loading {cfg.model}"):  # each parameter is read straight into its sharding
         model, tokenizer = load_pretrained(cfg.model, param_dtype=cfg.param_dtype, dtype=cfg.dtype,
                                            place=plan.place if plan is not None else None)
-    with timer("calibration_data"):
-        batches = calibration_batches(tokenizer, cfg.calibration)
-    result = prune(model, batches, cfg)
-    timer.times.update(result.times)
+    check_against_model(cfg, model.config.num_hidden_layers)
+    with timer("calibration_data", f"calibration data ({cfg.calibration.source})"):
+        batches = calibration_batches(tokenizer, cfg)
+        validation = None
+        if cfg.selection == "search" and not cfg.cuts:
+            validation = calibration_batches(tokenizer, cfg, part="validation",
+                                             num_samples=cfg.calibration.validation_samples)
+    result = prune(model, batches, cfg, validation=validation, timer=timer)
+    from replaceme_jax.checkpoints.finite import non_finite_parameters
+    bad = non_finite_parameters(result.model)
+    if bad:  # never export a broken model with exit 0
+        name, nan, inf = bad[0]
+        raise ReplaceMeError(f"the pruned model holds non-finite values in {name} ({nan} NaN, {inf} inf) and "
+                             f"{len(bad) - 1} more tensors; nothing was saved. The dense model loaded finite, so "
+                             f"the folded transforms of cuts {result.cuts} ({cfg.solver}) are the likely cause: "
+                             "try accum_dtype=float64, dtype=float32 or a ridge alpha")
 
     evaluation = {}
     if cfg.eval.perplexity_windows:
-        with timer("evaluate"):
+        with timer("evaluate", "held-out perplexity (dense, pruned" + (", drop)" if cfg.eval.compare_drop else ")")):
             evaluation = rep.heldout_perplexities(model, result, tokenizer, cfg)
     report = rep.build_report(cfg, model, result, batches, evaluation, timer.times)
     report["memory"] = run_memory_report(cfg, model.config, batches)
-    with timer("save"):
+    with timer("save", f"saving to {cfg.output_dir}"):
         rep.save_run(cfg, result, tokenizer, report)
     report["times_s"] = {k: round(v, 2) for k, v in timer.times.items()}
     if cfg.evaluate:
         from replaceme_jax.eval.harness import evaluate_models  # lm-eval tasks, optional
-        report["tasks"] = evaluate_models(
-            [("dense", model, tokenizer), ("pruned", result.model, tokenizer)],
-            tasks=cfg.evaluate, limit=cfg.eval.limit or None, heldout_ppl=False,
-            output_dir=f"{cfg.output_dir}/eval", overwrite=cfg.overwrite)
+        with timer("tasks", f"lm-eval tasks {cfg.evaluate}"):
+            report["tasks"] = evaluate_models(
+                [("dense", model, tokenizer), ("pruned", result.model, tokenizer)],
+                tasks=cfg.evaluate, limit=cfg.eval.limit or None, heldout_ppl=False,
+                output_dir=f"{cfg.output_dir}/eval", overwrite=cfg.overwrite)
     rep.write_report_json(cfg.output_dir, report)
     return result, report
-
-
-def parameter_counts(dense: CausalLM, pruned: CausalLM) -> dict:
-    return {"dense": num_parameters(dense), "pruned": num_parameters(pruned)}

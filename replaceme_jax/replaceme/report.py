@@ -19,10 +19,11 @@ def heldout_perplexities(dense, result, tokenizer, cfg) -> dict:
     from replaceme_jax.replaceme.surgery import apply_cuts
     ids = tokenize_corpus(tokenizer, heldout_wikipedia_texts())
     kw = dict(window=cfg.eval.window, max_windows=cfg.eval.perplexity_windows)
-    out = {"dense": perplexity(dense, ids, **kw).to_dict(),
-           "pruned": perplexity(result.model, ids, **kw).to_dict()}
+    label = (lambda name: f"perplexity, {name}") if cfg.progress else (lambda name: None)
+    out = {"dense": perplexity(dense, ids, progress=label("dense"), **kw).to_dict(),
+           "pruned": perplexity(result.model, ids, progress=label("pruned"), **kw).to_dict()}
     if cfg.eval.compare_drop:
-        out["drop"] = perplexity(apply_cuts(dense, result.cuts), ids, **kw).to_dict()
+        out["drop"] = perplexity(apply_cuts(dense, result.cuts), ids, progress=label("drop"), **kw).to_dict()
     return out
 
 
@@ -48,7 +49,9 @@ def build_report(cfg, dense, result, batches, evaluation: dict, times: dict) -> 
         "calibration": {"source": cfg.calibration.source, "sequences": sum(b.num_sequences for b in batches),
                         "tokens": int(sum(b.num_tokens for b in batches)),
                         "batch_shapes": sorted({tuple(b.input_ids.shape) for b in batches}),
-                        "include_pad": cfg.calibration.include_pad},
+                        "include_pad": cfg.calibration.include_pad,
+                        # The share of the source's texts held out (never calibrated on) for validation.
+                        "validation_fraction": cfg.calibration.validation_fraction},
         "scores": {rule: {f"{s}-{e}": v for (s, e), v in sc.items()} for rule, sc in result.scores.items()},
         "heldout_perplexity": evaluation,
         "times_s": {k: round(v, 2) for k, v in times.items()},
@@ -144,8 +147,10 @@ def format_report(report: dict) -> str:
     lines = [f"ReplaceMe on {report['model']}: {report['blocks']['dense']} -> {report['blocks']['pruned']} blocks, "
              f"{report['parameters']['dense'] / 1e6:.1f}M -> {report['parameters']['pruned'] / 1e6:.1f}M parameters"]
     cal = report["calibration"]
+    held_out = cal.get("validation_fraction")
     lines.append(f"calibration: {cal['sequences']} sequences, {cal['tokens']} tokens from {cal['source']} "
-                 f"(pads {'included' if cal['include_pad'] else 'excluded'})")
+                 f"(pads {'included' if cal['include_pad'] else 'excluded'}"
+                 + (f"; {held_out:.0%} of its texts held out for validation)" if held_out else ")"))
     lines.append(f"selection: {report['selection']}, solver: {report['solver']} (alpha={report['alpha']})")
     for c in report["cuts"]:
         extra = f", angular distance {c['angular_distance']:.4f}" if "angular_distance" in c else ""
