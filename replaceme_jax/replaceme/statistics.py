@@ -10,8 +10,10 @@ sharding over the batch is a reduction. Sums are float32 with Kahan compensation
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
+import threading
 from typing import Iterable, Sequence
 
 import jax
@@ -330,9 +332,18 @@ class _InFlight:
         self.ahead, self.consume = ahead, consume or jax.block_until_ready
         self.pending: collections.deque = collections.deque()
         self.bar = None
+        self._stop = threading.Event()
         if progress:
             from tqdm.auto import tqdm
             self.bar = tqdm(total=total, desc=desc, unit="batch")
+            # The first step includes XLA compilation (tens of seconds on a small CPU): redraw the
+            # bar's elapsed time meanwhile, so a long stretch is never silent.
+            threading.Thread(target=self._heartbeat, daemon=True).start()
+
+    def _heartbeat(self, every_s: float = 10.0) -> None:
+        while not self._stop.wait(every_s):
+            with contextlib.suppress(Exception):  # a closed stream must not kill the run
+                self.bar.refresh()
 
     def __enter__(self):
         return self
@@ -353,6 +364,7 @@ class _InFlight:
 
     def __exit__(self, *exc):
         self.pending.clear()
+        self._stop.set()
         if self.bar is not None:
             self.bar.close()
         return False
