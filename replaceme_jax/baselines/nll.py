@@ -7,7 +7,6 @@ definition, so every pruned model with the same number of blocks reuses one comp
 from __future__ import annotations
 
 import functools
-import math
 from typing import Iterable
 
 import jax
@@ -43,10 +42,6 @@ def mean_nll(model, batches: Iterable) -> float:
         raise ReplaceMeError("no token to score: the batches hold no sequence of 2+ tokens; "
                              "use more or longer texts")
     return total / count
-
-
-def perplexity_of(model, batches: Iterable) -> float:
-    return math.exp(mean_nll(model, batches))
 
 
 def subset_batches(batches, num_sequences: int | None):

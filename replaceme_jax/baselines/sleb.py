@@ -69,8 +69,3 @@ def sleb_order(model, batches, n: int, *, max_candidates: int | None = None,
         losses.append(float(loss))
     return SlebResult(order=tuple(order), losses=tuple(losses), evaluations=evaluations)
 
-
-def sleb_blocks(model, batches, n: int, **kwargs) -> list[int]:
-    """Blocks SLEB removes for a budget of ``n`` (ascending)."""
-    return sleb_order(model, batches, n, **kwargs).blocks(n)
-

@@ -95,10 +95,6 @@ class ModelConfig:
 
     # ---- derived ----
     @property
-    def family(self) -> str:
-        return SUPPORTED_ARCHITECTURES[self.model_type]
-
-    @property
     def rope_scaling_dict(self) -> dict | None:
         return dict(self.rope_scaling) if self.rope_scaling else None
 

@@ -91,7 +91,7 @@ def _linear(din, dout, bias, config: ModelConfig, rngs: nnx.Rngs):
 
 
 class Attention(nnx.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         c = config
         self.num_heads, self.num_kv_heads, self.head_dim = (
             c.num_attention_heads, c.num_key_value_heads, c.head_dim)
@@ -168,10 +168,10 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         pd = _dtype(config.param_dtype)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=pd)
-        self.self_attn = Attention(config, layer_idx, rngs=rngs)
+        self.self_attn = Attention(config, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=pd)
         self.mlp = MLP(config, rngs=rngs)
 
@@ -205,8 +205,8 @@ class DecoderModel(nnx.Module):
                                       dtype=_dtype(config.dtype),
                                       param_dtype=_dtype(config.param_dtype), rngs=rngs,
                                       embedding_init=nnx.initializers.normal(0.02))
-        self.layers = nnx.List([DecoderLayer(config, i, rngs=rngs)
-                                for i in range(config.num_hidden_layers)])
+        self.layers = nnx.List([DecoderLayer(config, rngs=rngs)
+                                for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps,
                             param_dtype=_dtype(config.param_dtype))
 

@@ -257,8 +257,8 @@ def relative_residual(ne: NormalEquations, T) -> float:
 # Gradient solver. Defaults follow the official ReplaceMe cosine recipe (mts-ai/ReplaceMe,
 # `adam_method`): Adam, lr 1e-4, batches of 1024 tokens, T initialised to the identity,
 # loss 1 - mean cos(M T, L - Y) (the "accurate" variant compares Y + M T with L). The official
-# code runs 10 epochs over all calibration tokens; here the step count is explicit (default 500,
-# roughly a minute for d=576 and batch 1024 on two busy CPU cores);
+# code runs 10 epochs over all calibration tokens; here the step count is explicit (default 300,
+# the run config's cosine.steps);
 # steps = 10 * len(buffer) // batch_size matches the recipe.
 
 LOSSES = ("cosine", "cosine_accurate", "mse")
@@ -348,7 +348,7 @@ def _largest_divisor_at_most(n: int, limit: int) -> int:
 
 
 def cosine(source: TokenBuffer, *, d: int | None = None, init="identity", loss: str = "cosine",
-           optimizer: str = "adam", lr: float = 1e-4, steps: int = 500, batch_size: int = 1024,
+           optimizer: str = "adam", lr: float = 1e-4, steps: int = 300, batch_size: int = 1024,
            l1: float = 0.0, l2: float = 0.0, seed: int = 0, log_every: int = 50,
            chunk_bytes: int = 128 << 20) -> SolveResult:
     """Train T by minibatch gradient descent on token rows from ``source``.

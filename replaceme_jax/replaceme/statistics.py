@@ -5,7 +5,7 @@ L_k = Y_k + M_k. For a cut [s, e) with anchor a = s - 1 the least-squares transf
 d x d sums MᵀM (per anchor) and Mᵀ(L_{e-1} - Y_a) plus ‖L_{e-1} - Y_a‖² (per cut); the angular
 distance between block outputs h_s and h_{s+n} on each sequence's last real token drives the
 paper's selection rule. Everything is a running sum, so memory is flat in the number of tokens and
-sharding over the batch is a reduction. Sums are float32 with Kahan compensation across batches.
+sharding over the batch is a reduction. Sums are float64 by default (float32 with Kahan compensation across batches on TPU; ``accum_dtype``).
 """
 from __future__ import annotations
 
