@@ -304,6 +304,7 @@ def _validate(s: Settings) -> None:
     _at_least("num_transforms", s.num_transforms, 1, " (the number of cuts)")
     _choice("selection", s.selection, selection_rules(), "selection rule")
     if s.cuts:
+        from replaceme_jax.replaceme.cuts import parse_cut_syntax
         parse_cut_syntax(s.cuts)
     _choice("candidates", s.candidates, CANDIDATES)
     _choice("accum_dtype", s.accum_dtype, ACCUM_DTYPES)
@@ -336,21 +337,6 @@ def _validate(s: Settings) -> None:
         if size != -1 and size < 1:
             raise ReplaceMeError(f"mesh.{axis}={size} must be a device count >= 1, or -1 for all devices")
     _choice("mesh.rules", s.mesh.rules, mesh_rules())
-
-
-def parse_cut_syntax(text: str) -> list[tuple[int, int]]:
-    """'s-e[,s-e...]' (end exclusive) as pairs; the blocks are checked against the model later."""
-    cuts = []
-    for part in text.split(","):
-        m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", part)
-        if not m:
-            raise ReplaceMeError(f"cuts={text!r}: write each cut as start-end with end exclusive, "
-                                 "comma-separated, e.g. 20-28 or 4-8,20-24")
-        s, e = int(m.group(1)), int(m.group(2))
-        if e <= s:
-            raise ReplaceMeError(f"cut {part.strip()!r} is empty: the end (exclusive) must exceed the start")
-        cuts.append((s, e))
-    return cuts
 
 
 def check_against_model(s: Settings, depth: int) -> None:

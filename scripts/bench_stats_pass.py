@@ -130,7 +130,8 @@ def main(argv) -> int:
         jax.distributed.initialize()
     from replaceme_jax import memory
     from replaceme_jax.models import sharding as sh
-    from replaceme_jax.replaceme.statistics import StatsRequest, candidate_cuts, gather_statistics
+    from replaceme_jax.replaceme.cuts import candidate_cuts
+    from replaceme_jax.replaceme.statistics import StatsRequest, gather_statistics
 
     data, model_axis = _parse_mesh(MESH.value)
     plan = sh.ShardingPlan(sh.make_mesh(data, model_axis), RULES.value)

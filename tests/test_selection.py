@@ -2,7 +2,8 @@
 import pytest
 
 from replaceme_jax.errors import ReplaceMeError
-from replaceme_jax.replaceme.selection import choose_cuts, get_rule, parse_cuts
+from replaceme_jax.replaceme.cuts import parse_cuts
+from replaceme_jax.replaceme.selection import choose_cuts, get_rule
 
 
 def test_choose_single_best():
@@ -50,7 +51,8 @@ def test_residual_rule_warns_once_when_tokens_are_too_few(caplog):
     from replaceme_jax.data import make_batches
     from replaceme_jax.models.config import ModelConfig
     from replaceme_jax.models.modeling import CausalLM
-    from replaceme_jax.replaceme.statistics import StatsRequest, candidate_cuts, gather_statistics
+    from replaceme_jax.replaceme.cuts import candidate_cuts
+    from replaceme_jax.replaceme.statistics import StatsRequest, gather_statistics
 
     model = CausalLM(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=5,
                                  num_attention_heads=4, num_key_value_heads=2), rngs=nnx.Rngs(0))

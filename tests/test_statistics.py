@@ -9,7 +9,8 @@ from replaceme_jax.data.batching import sequences
 from replaceme_jax.errors import ReplaceMeError
 from replaceme_jax.models.config import ModelConfig
 from replaceme_jax.models.modeling import CausalLM
-from replaceme_jax.replaceme.statistics import StatsRequest, candidate_cuts, gather_statistics
+from replaceme_jax.replaceme.cuts import candidate_cuts
+from replaceme_jax.replaceme.statistics import StatsRequest, gather_statistics
 
 CUTS = ((20, 28), (5, 9))
 

@@ -25,7 +25,8 @@ from replaceme_jax.errors import ReplaceMeError
 from replaceme_jax.models.modeling import CausalLM
 from replaceme_jax.replaceme import selection as sel
 from replaceme_jax.replaceme import solvers
-from replaceme_jax.replaceme.statistics import Cut, Statistics, StatsRequest, gather_statistics
+from replaceme_jax.replaceme.cuts import Cut
+from replaceme_jax.replaceme.statistics import Statistics, StatsRequest, gather_statistics
 from replaceme_jax.replaceme.surgery import apply_cuts
 from replaceme_jax.settings import SOLVERS as SOLVER_NAMES
 from replaceme_jax.settings import TOKEN_SOLVERS, Settings

@@ -18,7 +18,8 @@ from replaceme_jax.baselines.linear_patch import orth_diag  # noqa: F401  (regis
 from replaceme_jax.baselines.nll import mean_nll
 from replaceme_jax.errors import ReplaceMeError
 from replaceme_jax.replaceme import selection, solvers
-from replaceme_jax.replaceme.statistics import Cut, Statistics, candidate_cuts
+from replaceme_jax.replaceme.cuts import Cut, candidate_cuts
+from replaceme_jax.replaceme.statistics import Statistics
 from replaceme_jax.replaceme.surgery import apply_cuts
 from replaceme_jax.settings import CLOSED_FORM_SOLVERS
 

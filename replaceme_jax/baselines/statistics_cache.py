@@ -17,8 +17,8 @@ import numpy as np
 
 from replaceme_jax.errors import ReplaceMeError
 from replaceme_jax.io_utils import atomic_write_bytes, atomic_write_json
-from replaceme_jax.replaceme.statistics import (Cut, Statistics, StatsRequest, candidate_cuts,
-                                                gather_statistics)
+from replaceme_jax.replaceme.cuts import Cut, candidate_cuts
+from replaceme_jax.replaceme.statistics import Statistics, StatsRequest, gather_statistics
 
 
 def digest(key: dict) -> str:

@@ -21,8 +21,8 @@ from replaceme_jax.memory import run_memory_report
 from replaceme_jax.models.modeling import CausalLM, num_parameters
 from replaceme_jax.models.sharding import plan_from_config
 from replaceme_jax.replaceme import selection as sel
-from replaceme_jax.replaceme.statistics import (Cut, Statistics, StatsRequest, candidate_cuts,
-                                                gather_statistics, gather_tokens)
+from replaceme_jax.replaceme.cuts import Cut, candidate_cuts, parse_cuts
+from replaceme_jax.replaceme.statistics import Statistics, StatsRequest, gather_statistics, gather_tokens
 from replaceme_jax.replaceme.surgery import apply_cuts
 from replaceme_jax.settings import CLOSED_FORM_SOLVERS, TOKEN_SOLVERS, Settings, check_against_model
 
@@ -125,7 +125,7 @@ def prune(model: CausalLM, batches, cfg, *, stats: Statistics | None = None, val
         model = plan.shard_model(model)
     depth, n = model.config.num_hidden_layers, cfg.num_blocks
     check_against_model(cfg, depth)
-    user_cuts = sel.parse_cuts(cfg.cuts, depth) if cfg.cuts else None
+    user_cuts = parse_cuts(cfg.cuts, depth) if cfg.cuts else None
     rule = sel.get_rule(cfg.selection) if user_cuts is None else None  # fail before the pass
     if rule is not None and getattr(rule, "needs_model", False) and validation is None:
         raise ReplaceMeError(f"selection={cfg.selection!r} scores pruned models on validation batches; pass "

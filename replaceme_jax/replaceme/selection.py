@@ -14,7 +14,8 @@ from typing import Callable
 import numpy as np
 
 from replaceme_jax.errors import ReplaceMeError
-from replaceme_jax.replaceme.statistics import Cut, Statistics, candidate_cuts, validate_cuts
+from replaceme_jax.replaceme.cuts import Cut, candidate_cuts
+from replaceme_jax.replaceme.statistics import Statistics
 
 logger = logging.getLogger(__name__)
 
@@ -106,26 +107,3 @@ def merge_touching(cuts: list[Cut]) -> list[Cut]:
         else:
             out.append((s, e))
     return out
-
-
-def parse_cuts(spec: str | list, num_blocks: int) -> list[Cut]:
-    """User cut list, e.g. "20-28,5-7" or [(20, 28)] (end exclusive); checked for overlaps."""
-    if isinstance(spec, str):
-        cuts = []
-        for part in filter(None, (p.strip() for p in spec.split(","))):
-            try:
-                s, e = part.split("-")
-                cuts.append((int(s), int(e)))
-            except ValueError as err:
-                raise ReplaceMeError(f"cannot parse cut {part!r}: write start-end with end exclusive, "
-                                     "e.g. '20-28,5-7'") from err
-    else:
-        cuts = [tuple(c) for c in spec]
-    cuts = sorted(validate_cuts(cuts, num_blocks))
-    for (s1, e1), (s2, e2) in zip(cuts, cuts[1:]):
-        if s2 < e1:
-            raise ReplaceMeError(f"cuts [{s1}, {e1}) and [{s2}, {e2}) overlap; give disjoint cuts")
-        if s2 == e1:
-            raise ReplaceMeError(f"cut [{s2}, {e2}) starts where [{s1}, {e1}) ends, so its anchor block {s2 - 1} "
-                                 f"would be removed; merge them into [{s1}, {e2}) or leave a block between")
-    return cuts

@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import functools
 import threading
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -23,9 +23,9 @@ from flax import nnx
 
 from replaceme_jax.data.batching import MAX_SEGMENTS
 from replaceme_jax.errors import ReplaceMeError
+from replaceme_jax.replaceme.cuts import Cut, validate_cuts
 from replaceme_jax.models.sharding import RESIDUAL, constrain, to_host
 
-Cut = tuple[int, int]
 _HI = jax.lax.Precision.HIGHEST
 
 
@@ -95,19 +95,6 @@ class Statistics:
                 raise ReplaceMeError(
                     f"non-finite values (NaN/inf) in the gathered statistics ({name}). The model overflowed "
                     "on the calibration data: use dtype=float32, check the checkpoint, or shorten max_length.")
-
-
-def validate_cuts(cuts: Sequence[Cut], num_blocks: int) -> tuple[Cut, ...]:
-    """Cuts must keep an anchor block before them and stay inside the model."""
-    out = []
-    for cut in cuts:
-        s, e = (int(x) for x in cut)
-        if not (1 <= s < e <= num_blocks):
-            raise ReplaceMeError(
-                f"invalid cut [{s}, {e}) for a model of {num_blocks} blocks: need 1 <= start < end <= "
-                f"{num_blocks} (block start-1 is the anchor that absorbs the transform)")
-        out.append((s, e))
-    return tuple(out)
 
 
 def _kahan_add(total, comp, x):
@@ -262,14 +249,6 @@ def gather_statistics(model, batches: Iterable, request: StatsRequest, *, progre
         target_sq=total["target_sq"])
     stats.check_finite()
     return stats
-
-
-def candidate_cuts(num_blocks: int, n: int) -> tuple[Cut, ...]:
-    """Every cut of n consecutive blocks that keeps an anchor block before it."""
-    if not 1 <= n < num_blocks:
-        raise ReplaceMeError(f"cannot remove {n} blocks from a {num_blocks}-block model: "
-                             f"choose 1 <= num_blocks <= {num_blocks - 1}")
-    return tuple((s, s + n) for s in range(1, num_blocks - n + 1))
 
 
 @functools.lru_cache(maxsize=32)

@@ -15,7 +15,7 @@ from flax import nnx
 
 from replaceme_jax.errors import ReplaceMeError
 from replaceme_jax.models.modeling import CausalLM
-from replaceme_jax.replaceme.statistics import Cut, validate_cuts
+from replaceme_jax.replaceme.cuts import Cut, validate_cuts
 
 _HI = jax.lax.Precision.HIGHEST
 
