@@ -79,7 +79,7 @@ def test_exported_checkpoint_matches_transformers(e2e):
 def test_rerun_refuses_then_overwrites(e2e, smollm2):
     cfg, _, _ = e2e
     with pytest.raises(ReplaceMeError, match="already holds files"):
-        from replaceme_jax.replaceme.report import save_run
+        from replaceme_jax.replaceme.save import save_run
         save_run(cfg, e2e[1], smollm2[1], {})
 
 

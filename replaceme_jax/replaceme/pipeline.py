@@ -218,6 +218,7 @@ def run(cfg) -> tuple[PruneResult, dict]:
     """Validate, load, calibrate, prune, evaluate and save; returns the result and the JSON report."""
     from replaceme_jax.checkpoints import load_pretrained
     from replaceme_jax.replaceme import report as rep
+    from replaceme_jax.replaceme.save import save_run, write_report_json
     cfg = Settings.from_config(cfg)  # every setting checked before anything is loaded
     preflight(cfg)
     timer = Timer(log=cfg.progress)
@@ -252,7 +253,7 @@ def run(cfg) -> tuple[PruneResult, dict]:
     report = rep.build_report(cfg, model, result, batches, evaluation, timer.times)
     report["memory"] = run_memory_report(cfg, model.config, batches)
     with timer("save", f"saving to {cfg.output_dir}"):
-        rep.save_run(cfg, result, tokenizer, report)
+        save_run(cfg, result, tokenizer, report)
     report["times_s"] = {k: round(v, 2) for k, v in timer.times.items()}
     if cfg.evaluate:
         from replaceme_jax.eval.harness import evaluate_models  # lm-eval tasks, optional
@@ -261,5 +262,5 @@ def run(cfg) -> tuple[PruneResult, dict]:
                 [("dense", model, tokenizer), ("pruned", result.model, tokenizer)],
                 tasks=cfg.evaluate, limit=cfg.eval.limit or None, heldout_ppl=False,
                 output_dir=f"{cfg.output_dir}/eval", overwrite=cfg.overwrite)
-    rep.write_report_json(cfg.output_dir, report)
+    write_report_json(cfg.output_dir, report)
     return result, report

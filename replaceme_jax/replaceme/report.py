@@ -1,14 +1,12 @@
-"""What a run leaves behind: held-out perplexities, the JSON report, tables (CSV), heat maps (PNG),
-the transforms (.npz) and the pruned model (Orbax and/or Hugging Face), all written atomically."""
+"""What a run reports: held-out perplexities, the JSON report and its text summary, tables (CSV)
+and heat maps (PNG). Writing them with the pruned model is ``replaceme.save``."""
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 import numpy as np
 
-from replaceme_jax.io_utils import atomic_output_dir, atomic_write_json, is_primary
 from replaceme_jax.models.modeling import num_parameters
 
 
@@ -113,33 +111,6 @@ def plot_scores(scores: dict, path: Path, cuts=()) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def save_run(cfg, result, tokenizer, report: dict) -> Path:
-    """Everything of a run in ``cfg.output_dir``, which appears complete or not at all."""
-    from replaceme_jax.checkpoints.hf import save_hf
-    from replaceme_jax.checkpoints.orbax_io import save_orbax
-    with atomic_output_dir(cfg.output_dir, overwrite=cfg.overwrite, what="run output") as tmp:
-        if is_primary():  # plain files from process 0; the checkpoints below need every process
-            np.savez(tmp / "transforms.npz", **{f"cut_{s}_{e}": T for (s, e), T in zip(result.cuts, result.transforms)
-                                                if T is not None})
-            if result.stats is not None and result.stats.distances is not None:
-                (tmp / "distances.csv").write_text(distances_csv(result.stats.distances))
-                plot_distances(result.stats.distances, tmp / "distances.png", result.cuts)
-            if result.scores:
-                (tmp / "scores.csv").write_text(scores_csv(result.scores))
-                plot_scores(result.scores, tmp / "scores.png", result.cuts)
-        if cfg.save_orbax:
-            save_orbax(result.model, tmp / "orbax", tokenizer=tokenizer,
-                       metadata={"cuts": [list(c) for c in result.cuts], "solver": cfg.solver})
-        if cfg.export_hf:
-            save_hf(result.model, tmp / "hf", tokenizer=tokenizer)
-        atomic_write_json(tmp / "report.json", report)
-    return Path(cfg.output_dir)
-
-
-def write_report_json(output_dir, report: dict) -> None:
-    atomic_write_json(Path(output_dir) / "report.json", report)
 
 
 def format_report(report: dict) -> str:
