@@ -187,7 +187,7 @@ def run_torch(cfg, hf_dir: Path, *, repeats: int, workdir: Path, include_pad: bo
 
 def statistics_requests(cfg, result, num_blocks: int) -> list:
     """The StatsRequest(s) prune() ran for ``cfg`` (for FLOP counting)."""
-    from replaceme_jax.replaceme.pipeline import statistics_request
+    from replaceme_jax.replaceme.statistics import statistics_request
     from replaceme_jax.replaceme.statistics import StatsRequest
     requests = []
     if not cfg.cuts or cfg.candidates == "all":

@@ -326,7 +326,7 @@ def run_requests(cfg, depth: int) -> list:
     every cut's normal equations with candidates=all), then, when the chosen cuts were not among
     the candidates, a pass for them (modelled as ``num_transforms`` cuts of ``num_blocks`` blocks
     ending at the last block of the ``depth``-block model, the deepest and so the largest such pass)."""
-    from replaceme_jax.replaceme.pipeline import statistics_request
+    from replaceme_jax.replaceme.statistics import statistics_request
     from replaceme_jax.replaceme.statistics import StatsRequest
     first = statistics_request(cfg, depth)
     n, k = int(cfg.num_blocks), max(int(cfg.num_transforms), 1)

@@ -31,7 +31,8 @@ def main(argv) -> int:
     from replaceme_jax.eval.perplexity import perplexity, tokenize_corpus
     from replaceme_jax.io_utils import atomic_write_json, atomic_write_text
     from replaceme_jax.replaceme import selection as sel
-    from replaceme_jax.replaceme.pipeline import calibration_batches, prune, statistics_request
+    from replaceme_jax.replaceme.pipeline import calibration_batches, prune
+    from replaceme_jax.replaceme.statistics import statistics_request
     from replaceme_jax.replaceme.statistics import gather_statistics
     from replaceme_jax.replaceme.surgery import apply_cuts
 

@@ -22,7 +22,8 @@ from replaceme_jax.models.modeling import CausalLM, num_parameters
 from replaceme_jax.models.sharding import plan_from_config
 from replaceme_jax.replaceme import selection as sel
 from replaceme_jax.replaceme.cuts import Cut, candidate_cuts, parse_cuts
-from replaceme_jax.replaceme.statistics import Statistics, StatsRequest, gather_statistics, gather_tokens
+from replaceme_jax.replaceme.statistics import (Statistics, StatsRequest, gather_statistics, gather_tokens,
+                                                statistics_request)
 from replaceme_jax.replaceme.surgery import apply_cuts
 from replaceme_jax.settings import CLOSED_FORM_SOLVERS, TOKEN_SOLVERS, Settings, check_against_model
 
@@ -97,15 +98,6 @@ def solve_cut(model, batches, cut: Cut, ne, cfg):
         return solvers.cosine(buffer, d=d, init=init, loss=name, optimizer=c.optimizer,
                               lr=c.lr, steps=c.steps, batch_size=c.batch_size, l1=c.l1, l2=c.l2,
                               seed=cfg.seed)
-
-
-def statistics_request(cfg, depth: int) -> StatsRequest:
-    """What the one pass over a ``depth``-block model gathers for these settings."""
-    cfg = Settings.from_config(cfg)
-    check_against_model(cfg, depth)
-    cuts = candidate_cuts(depth, cfg.num_blocks) if cfg.candidates == "all" else ()
-    return StatsRequest(max_distance_blocks=depth - 1, cuts=cuts,
-                        include_pad=cfg.calibration.include_pad, accum_dtype=cfg.accum_dtype)
 
 
 def prune(model: CausalLM, batches, cfg, *, stats: Statistics | None = None, validation=None,

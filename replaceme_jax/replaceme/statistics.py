@@ -23,7 +23,7 @@ from flax import nnx
 
 from replaceme_jax.data.batching import MAX_SEGMENTS
 from replaceme_jax.errors import ReplaceMeError
-from replaceme_jax.replaceme.cuts import Cut, validate_cuts
+from replaceme_jax.replaceme.cuts import Cut, candidate_cuts, validate_cuts
 from replaceme_jax.models.sharding import RESIDUAL, constrain, to_host
 
 _HI = jax.lax.Precision.HIGHEST
@@ -249,6 +249,16 @@ def gather_statistics(model, batches: Iterable, request: StatsRequest, *, progre
         target_sq=total["target_sq"])
     stats.check_finite()
     return stats
+
+
+def statistics_request(cfg, depth: int) -> StatsRequest:
+    """What the one pass over a ``depth``-block model gathers for these settings."""
+    from replaceme_jax.settings import Settings, check_against_model
+    cfg = Settings.from_config(cfg)
+    check_against_model(cfg, depth)
+    cuts = candidate_cuts(depth, cfg.num_blocks) if cfg.candidates == "all" else ()
+    return StatsRequest(max_distance_blocks=depth - 1, cuts=cuts,
+                        include_pad=cfg.calibration.include_pad, accum_dtype=cfg.accum_dtype)
 
 
 @functools.lru_cache(maxsize=32)
