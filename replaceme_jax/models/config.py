@@ -59,7 +59,7 @@ class ModelConfig:
     rope_scaling: tuple | None = None  # frozen items of the HF rope_scaling dict
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    attention_bias: bool = False  # q/k/v (and o for llama) biases; Qwen2 has q/k/v bias
+    attention_bias: bool = False  # q/k/v (and o for llama/qwen3) biases; Qwen2 has q/k/v bias only
     o_proj_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False  # Qwen3: per-head RMSNorm on q and k
@@ -158,11 +158,10 @@ class ModelConfig:
             known["attention_bias"] = True
         elif model_type in ("llama", "qwen3"):
             known["attention_bias"] = bool(hf.get("attention_bias", False))
-            known["o_proj_bias"] = bool(hf.get("attention_bias", False)) and model_type == "llama"
+            # transformers' Llama and Qwen3 attention both give o_proj a bias when attention_bias is set.
+            known["o_proj_bias"] = bool(hf.get("attention_bias", False))
             known["mlp_bias"] = bool(hf.get("mlp_bias", False)) and model_type == "llama"
         known["qk_norm"] = model_type == "qwen3"
-        if model_type == "qwen3" and known["attention_bias"]:
-            known["o_proj_bias"] = False
         consumed = set(known) | {"rope_parameters", "rope_scaling", "attention_bias", "mlp_bias",
                                  "torch_dtype", "dtype", "transformers_version", "architectures"}
         extra = {k: v for k, v in hf.items() if k not in consumed}
