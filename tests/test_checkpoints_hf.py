@@ -49,6 +49,16 @@ def _randomize(torch_model, seed=0):
                 p.copy_(0.15 * torch.randn(p.shape, generator=gen))
 
 
+def reference_pair(name, hf_config, tmp_path_factory):
+    """(name, random transformers model, our model loaded from its save_pretrained directory)."""
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager").eval()
+    _randomize(ref)
+    path = tmp_path_factory.mktemp(name) / "hf"
+    ref.save_pretrained(path)
+    return name, ref, load_hf(path)[0]
+
+
 def _batch(vocab, t=12):
     """Rows: full, right-padded, left-padded."""
     ids = np.random.RandomState(0).randint(0, vocab, (3, t))

@@ -13,21 +13,14 @@ from replaceme_jax.models.modeling import KVCache
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-from test_checkpoints_hf import FAMILIES, _randomize  # noqa: E402
+from test_checkpoints_hf import FAMILIES, reference_pair  # noqa: E402
 from tiny_models import word_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request, tmp_path_factory):
     """(name, torch model, our model loaded from its save_pretrained directory)."""
-    from replaceme_jax.checkpoints.hf import load_hf
-    torch.manual_seed(0)
-    ref = transformers.AutoModelForCausalLM.from_config(FAMILIES[request.param](),
-                                                        attn_implementation="eager").eval()
-    _randomize(ref)
-    path = tmp_path_factory.mktemp(request.param) / "hf"
-    ref.save_pretrained(path)
-    return request.param, ref, load_hf(path)[0]
+    return reference_pair(request.param, FAMILIES[request.param](), tmp_path_factory)
 
 
 def test_cached_steps_equal_full_forward(family):

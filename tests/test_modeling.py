@@ -22,7 +22,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from replaceme_jax.checkpoints.hf import load_hf  # noqa: E402
 from replaceme_jax.errors import ReplaceMeError  # noqa: E402
 from replaceme_jax.models.modeling import attention_bias, layer_windows  # noqa: E402
-from test_checkpoints_hf import FAMILIES, SMALL, _batch, _randomize  # noqa: E402
+from test_checkpoints_hf import FAMILIES, SMALL, _batch, _randomize, reference_pair  # noqa: E402
 
 # Largest |ours - transformers| allowed for any module output, float32 on both sides. Observed
 # maxima (O(1) activations, logits up to ~5): RoPE 6e-8, MLP 2.4e-7, attention 4.8e-7, RMSNorm
@@ -52,13 +52,7 @@ def _one_torch_thread():
 @pytest.fixture(scope="module", params=list(MODEL_FAMILIES))
 def family(request, tmp_path_factory):
     """(name, transformers model, our model loaded from its save_pretrained directory)."""
-    torch.manual_seed(0)
-    ref = transformers.AutoModelForCausalLM.from_config(MODEL_FAMILIES[request.param](),
-                                                        attn_implementation="eager").eval()
-    _randomize(ref)
-    path = tmp_path_factory.mktemp(request.param) / "hf"
-    ref.save_pretrained(path)
-    return request.param, ref, load_hf(path)[0]
+    return reference_pair(request.param, MODEL_FAMILIES[request.param](), tmp_path_factory)
 
 
 @pytest.fixture(params=["causal", "padded"])
