@@ -29,7 +29,6 @@ two float32 softmax buffers, a true reduce-scatter) are the design's expectation
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Sequence
 
 import jax
@@ -39,6 +38,7 @@ import numpy as np
 from replaceme_jax.errors import ReplaceMeError
 from replaceme_jax.models import sharding as sh
 from replaceme_jax.models.config import ModelConfig
+from replaceme_jax.models.modeling import abstract_model, layer_windows
 
 # Published config.json fields of the models the configs/ name, so a dry run needs no download.
 PUBLISHED_ARCHITECTURES = {
@@ -196,7 +196,7 @@ def statistics_memory(config: ModelConfig, request, batch_shape: Sequence[int], 
     pi = jnp.dtype(c.param_dtype).itemsize
     upcasts = cpu and pi < 4  # XLA:CPU multiplies bf16/f16 in float32
 
-    model = _abstract_model(config)
+    model = abstract_model(config)
     parameters = step_parameters = block_elements = block_shard_elements = 0
     for path, var in param_items(model):
         shard = _shard_bytes(var.shape, var.dtype, sh.param_logical_axes(path), rule_table, sizes)
@@ -238,7 +238,7 @@ def statistics_memory(config: ModelConfig, request, batch_shape: Sequence[int], 
                  + bl * heads * t * t * (softmax_f32 * 4 + ci)     # scores ... probabilities
                  + tokens * heads * hd * ci)                        # output before o_proj
     mlp = tokens * d * ci + 3 * tokens * ff * ci                    # input, gate, up, product
-    tables = len(set(_windows(config))) * bl * t * t * 4 + 2 * tokens * hd * 4  # bias, cos, sin
+    tables = len(set(layer_windows(config))) * bl * t * t * 4 + 2 * tokens * hd * 4  # bias, cos, sin
     activations = residual + anchors + max(attention, mlp) + tables
 
     # XLA:CPU converts each bf16 weight shard to float32 up front, and under fsdp all-gathers every
@@ -256,26 +256,14 @@ def statistics_memory(config: ModelConfig, request, batch_shape: Sequence[int], 
                        upcast=upcast, batch=batch)
 
 
-@functools.lru_cache(maxsize=4)
-def _abstract_model(config: ModelConfig):
-    """Shapes-only model, built once per config (only read: parameter shapes, abstract tracing)."""
-    from replaceme_jax.checkpoints.keymap import abstract_model
-    return abstract_model(config)
-
-
 def parameter_count(config: ModelConfig) -> tuple[int, int]:
     """(parameters of the model, parameters of one block), from shapes alone."""
     from flax import nnx
-    state = nnx.state(_abstract_model(config), nnx.Param)
+    state = nnx.state(abstract_model(config), nnx.Param)
     leaves = jax.tree_util.tree_leaves_with_path(state)
     total = sum(int(np.prod(x.shape)) for _, x in leaves)
     block = sum(int(np.prod(x.shape)) for path, x in leaves if "['layers'][0]" in jax.tree_util.keystr(path))
     return total, block
-
-
-def _windows(config: ModelConfig):
-    from replaceme_jax.models.modeling import layer_windows
-    return layer_windows(config)
 
 
 def xla_memory(compiled) -> dict:
@@ -293,7 +281,6 @@ def compile_statistics_step(config: ModelConfig, request, batch_shape: Sequence[
     XLA's own plan of the step, for ``xla_memory``. Needs the plan's devices, unlike the model."""
     from flax import nnx
 
-    from replaceme_jax.checkpoints.keymap import abstract_model
     from replaceme_jax.replaceme.statistics import _compiled_step, sum_shapes
     acc_name = request.resolved_accum_dtype()
     request = dataclasses.replace(request, accum_dtype=acc_name)

@@ -94,7 +94,7 @@ def main(argv) -> int:
         raise ReplaceMeError(f"unexpected arguments {argv[1:]}; pass everything as --flags")
     import numpy as np
 
-    from replaceme_jax.baselines.surgery import drop_blocks
+    from replaceme_jax.replaceme.surgery import drop_blocks
     from replaceme_jax.checkpoints import load_pretrained
     from replaceme_jax.checkpoints.hf import save_hf
     from replaceme_jax.inference import Generator

@@ -68,7 +68,7 @@ def random_model(config, plan, seed: int = 0):
     import numpy as np
     from flax import nnx
 
-    from replaceme_jax.checkpoints.keymap import abstract_model
+    from replaceme_jax.models.modeling import abstract_model
     graphdef, abstract = nnx.split(abstract_model(config))
     rng = np.random.default_rng(seed)
     pool = (rng.random(1 << 20, dtype=np.float32) * 2 - 1) * 0.02 * np.sqrt(3.0)

@@ -63,7 +63,7 @@ def main(argv) -> int:
                          "relative_residual": result.residuals[0],
                          "solve_s": round(time.perf_counter() - t, 1)})
             jax.clear_caches()
-    lines = [f"| selection | cut | method | held-out ppl | x dense | rel. residual |", "|---|---|---|---|---|---|"]
+    lines = ["| selection | cut | method | held-out ppl | x dense | rel. residual |", "|---|---|---|---|---|---|"]
     for r in rows:
         res = "" if r["relative_residual"] is None else f"{r['relative_residual']:.3f}"
         lines.append(f"| {r['rule']} | {r['cut']} | {r['method']} | {r['ppl']:.2f} | {r['ppl'] / dense.ppl:.2f} | {res} |")

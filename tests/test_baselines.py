@@ -16,7 +16,7 @@ from replaceme_jax.baselines.search import search_scores
 from replaceme_jax.baselines.shortgpt import block_influence, shortgpt_blocks
 from replaceme_jax.baselines.sleb import sleb_order
 from replaceme_jax.baselines.statistics_cache import cached_statistics, load_statistics, restrict
-from replaceme_jax.baselines.surgery import drop_blocks
+from replaceme_jax.replaceme.surgery import drop_blocks
 from replaceme_jax.data import make_batches
 from replaceme_jax.errors import ReplaceMeError
 from replaceme_jax.models.config import ModelConfig

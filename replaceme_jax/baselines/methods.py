@@ -20,14 +20,13 @@ import numpy as np
 from replaceme_jax.baselines.search import CLOSED_FORM, search_scores
 from replaceme_jax.baselines.shortgpt import block_influence, shortgpt_blocks
 from replaceme_jax.baselines.sleb import SlebResult, sleb_order
-from replaceme_jax.baselines.surgery import drop_blocks
 from replaceme_jax.errors import ReplaceMeError
 from replaceme_jax.models.modeling import CausalLM
 from replaceme_jax.replaceme import selection as sel
 from replaceme_jax.replaceme import solvers
 from replaceme_jax.replaceme.cuts import Cut
 from replaceme_jax.replaceme.statistics import Statistics, StatsRequest, gather_statistics
-from replaceme_jax.replaceme.surgery import apply_cuts
+from replaceme_jax.replaceme.surgery import apply_cuts, drop_blocks
 from replaceme_jax.settings import SOLVERS as SOLVER_NAMES
 from replaceme_jax.settings import TOKEN_SOLVERS, Settings
 

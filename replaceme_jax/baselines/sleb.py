@@ -16,7 +16,7 @@ import dataclasses
 from typing import Sequence
 
 from replaceme_jax.baselines.nll import mean_nll
-from replaceme_jax.baselines.surgery import drop_blocks
+from replaceme_jax.replaceme.surgery import drop_blocks
 from replaceme_jax.errors import ReplaceMeError
 
 

@@ -16,7 +16,7 @@ from flax import nnx
 
 from replaceme_jax.errors import ReplaceMeError
 from replaceme_jax.models.config import ModelConfig
-from replaceme_jax.models.modeling import CausalLM
+from replaceme_jax.models.modeling import CausalLM, abstract_model
 from replaceme_jax.models.sharding import put, to_host
 
 # (regex on the HF name, NNX path template, transpose?)
@@ -63,11 +63,6 @@ def param_items(model: nnx.Module) -> Iterator[tuple[tuple, nnx.Variable]]:
     for path, var in nnx.iter_graph(model):
         if isinstance(var, nnx.Param):
             yield tuple(path), var
-
-
-def abstract_model(config: ModelConfig) -> CausalLM:
-    """A model whose parameters are ShapeDtypeStructs: no memory is allocated."""
-    return nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0)))
 
 
 def hf_state_dict(model: CausalLM, dtype=None) -> Iterator[tuple[str, np.ndarray]]:

@@ -25,7 +25,7 @@ from flax import nnx
 
 from replaceme_jax.checkpoints.finite import check_finite
 from replaceme_jax.checkpoints.hf import load_tokenizer, read_hf_config
-from replaceme_jax.checkpoints.keymap import abstract_model
+from replaceme_jax.models.modeling import abstract_model
 from replaceme_jax.checkpoints.registry import absolute_path
 from replaceme_jax.errors import ReplaceMeError
 from replaceme_jax.io_utils import atomic_output_dir, atomic_write_json, is_primary

@@ -12,6 +12,7 @@ add) and ``L_k = Y_k + M_k`` (the block output).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -406,6 +407,23 @@ class CausalLM(nnx.Module):
 
 def _constrain_cache(arrays, plan):
     return tuple(arrays) if plan is None else tuple(plan.constrain(x, KV_CACHE_AXES) for x in arrays)
+
+
+@functools.lru_cache(maxsize=16)
+def abstract_split(config: ModelConfig):
+    """(graphdef, shapes-only state) of a ``CausalLM`` of ``config``, traced once per config.
+
+    Tracing the initialisers costs about a second, and surgery, loading and the memory model build
+    the same shapes many times (SLEB drops hundreds of block sets). Shared: never mutate the state;
+    ``abstract_model`` gives a model of one's own to fill."""
+    return nnx.split(nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0))))
+
+
+def abstract_model(config: ModelConfig) -> CausalLM:
+    """A model of ``config`` whose parameters are ShapeDtypeStructs (no memory), with Variables of
+    its own, so a loader may fill them in place."""
+    graphdef, state = abstract_split(config)
+    return nnx.merge(graphdef, jax.tree.map(lambda x: x, state))
 
 
 def num_parameters(model: nnx.Module) -> int:

@@ -18,14 +18,14 @@ import numpy as np
 
 from replaceme_jax.errors import ReplaceMeError
 from replaceme_jax.memory import run_memory_report
-from replaceme_jax.models.modeling import CausalLM, num_parameters
+from replaceme_jax.models.modeling import CausalLM
 from replaceme_jax.models.sharding import plan_from_config
 from replaceme_jax.replaceme import selection as sel
 from replaceme_jax.replaceme.cuts import Cut, candidate_cuts, parse_cuts
 from replaceme_jax.replaceme.statistics import (Statistics, StatsRequest, gather_statistics, gather_tokens,
                                                 statistics_request)
 from replaceme_jax.replaceme.surgery import apply_cuts
-from replaceme_jax.settings import CLOSED_FORM_SOLVERS, TOKEN_SOLVERS, Settings, check_against_model
+from replaceme_jax.settings import CLOSED_FORM_SOLVERS, Settings, check_against_model
 
 
 class Timer:

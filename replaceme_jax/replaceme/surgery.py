@@ -1,12 +1,13 @@
-"""Surgery: fold each T into its anchor's down-projection and drop the cut blocks.
+"""Surgery: fold each T into its anchor's down-projection and drop the cut blocks (``apply_cuts``),
+or drop any set of blocks with no transform (``drop_blocks``, for ShortGPT and SLEB).
 
-A pure function on the ``nnx.split`` state: the input model is left untouched, and the pruned model
+Pure functions on the ``nnx.split`` state: the input model is left untouched, and the pruned model
 shares every unchanged array with it (JAX arrays are immutable), so no copy of the weights is made.
 """
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,8 @@ import numpy as np
 from flax import nnx
 
 from replaceme_jax.errors import ReplaceMeError
-from replaceme_jax.models.modeling import CausalLM
+from replaceme_jax.models.config import ModelConfig
+from replaceme_jax.models.modeling import CausalLM, abstract_split
 from replaceme_jax.replaceme.cuts import Cut, validate_cuts
 
 _HI = jax.lax.Precision.HIGHEST
@@ -59,31 +61,51 @@ def apply_cuts(model: CausalLM, cuts: Sequence[Cut], transforms: Sequence | None
             raise ReplaceMeError(f"the anchor block {s - 1} of cut starting at {s} is itself removed; "
                                  "merge touching cuts into one")
     d = config.hidden_size
-    _, state = nnx.split(model)
-    values = {path: var.get_value() for path, var in nnx.to_flat_state(state)}
+    values = {path: var.get_value() for path, var in nnx.to_flat_state(nnx.state(model))}
+    folded = {}
     for (s, _), T in zip(cuts, transforms):
         if T is None:
             continue
         if np.shape(T) != (d, d):
             raise ReplaceMeError(f"transform for cut starting at {s} has shape {np.shape(T)}, expected {(d, d)}")
         prefix = ("model", "layers", s - 1, "mlp", "down_proj")
-        values[prefix + ("kernel",)] = fold_transform(values[prefix + ("kernel",)], T)
+        folded[prefix + ("kernel",)] = fold_transform(values[prefix + ("kernel",)], T)
         if prefix + ("bias",) in values:  # (xW + b) T = x (W T) + b T
-            values[prefix + ("bias",)] = fold_transform(values[prefix + ("bias",)][None, :], T)[0]
-    kept = [i for i in range(config.num_hidden_layers) if i not in set(dropped)]
-    new_config = config.without_layers(dropped)
-    graphdef, abstract_state = _abstract_model(new_config)
-    new_state = jax.tree.map(lambda x: x, abstract_state)  # fresh Variables; the cached ones stay abstract
-    for path, var in nnx.to_flat_state(new_state):
-        old = path
-        if path[:2] == ("model", "layers"):
-            old = path[:2] + (kept[path[2]],) + path[3:]
-        var.set_value(values[old])
-    return nnx.merge(graphdef, new_state)
+            folded[prefix + ("bias",)] = fold_transform(values[prefix + ("bias",)][None, :], T)[0]
+    return _rebuild(model, dropped, folded)
 
 
-@functools.lru_cache(maxsize=8)
-def _abstract_model(config):
-    """(graphdef, shape-only state) of a model of ``config``: tracing the initialisers costs about a
-    second, and a sweep or benchmark prunes to the same shape many times."""
-    return nnx.split(nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0))))
+def drop_blocks(model: CausalLM, indices: Iterable[int]) -> CausalLM:
+    """New model without the blocks ``indices``, contiguous or not, and no transform (ShortGPT, SLEB).
+
+    Unlike ``apply_cuts`` no anchor block is needed, so block 0 and touching blocks may go too.
+    """
+    num_blocks = model.config.num_hidden_layers
+    dropped = sorted({int(i) for i in indices})
+    bad = [i for i in dropped if not 0 <= i < num_blocks]
+    if bad:
+        raise ReplaceMeError(f"cannot drop blocks {bad}: the model has blocks 0..{num_blocks - 1}")
+    if len(dropped) >= num_blocks:
+        raise ReplaceMeError(f"dropping {len(dropped)} of {num_blocks} blocks leaves none; drop fewer")
+    return _rebuild(model, dropped, {})
+
+
+def _rebuild(model: CausalLM, dropped: Sequence[int], replaced: dict) -> CausalLM:
+    """The one rebuild behind both surgeries: a model of the shrunk config whose block i is the old
+    block kept[i], each Variable re-pointing at the old array (no copy) or at ``replaced[old path]``."""
+    kept = [i for i in range(model.config.num_hidden_layers) if i not in set(dropped)]
+    old = dict(nnx.to_flat_state(nnx.state(model)))
+    graphdef, paths = _skeleton(model.config.without_layers(dropped))
+    flat = []
+    for path in paths:
+        src = path[:2] + (kept[path[2]],) + path[3:] if path[:2] == ("model", "layers") else path
+        var = old[src]
+        flat.append((path, var.replace(replaced[src] if src in replaced else var.get_value())))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+@functools.lru_cache(maxsize=16)
+def _skeleton(config: ModelConfig):
+    """(graphdef, parameter paths) of a pruned shape; a sweep or SLEB rebuilds the same shape often."""
+    graphdef, state = abstract_split(config)
+    return graphdef, tuple(path for path, _ in nnx.to_flat_state(state))
