@@ -225,8 +225,7 @@ def count_torch_flops(config, runs: TorchRuns) -> dict:
 def quality(dense, tokenizer, batches, cfg, cut, *, ppl_windows: int, window: int, variants) -> list[dict]:
     """Held-out perplexity, and cosine loss 1 - cos(m T, l - y) over the calibration tokens of ``cut``,
     for the dense model, plain dropping (T = I) and each (name, config overrides) variant."""
-    from replaceme_jax.data.corpora import heldout_wikipedia_texts
-    from replaceme_jax.eval.perplexity import perplexity, tokenize_corpus
+    from replaceme_jax.eval.perplexity import HeldOutPerplexity
     from replaceme_jax.replaceme import solvers
     from replaceme_jax.replaceme.pipeline import prune
     from replaceme_jax.replaceme.statistics import gather_tokens
@@ -237,15 +236,15 @@ def quality(dense, tokenizer, batches, cfg, cut, *, ppl_windows: int, window: in
     buffer = TokenBuffer(capacity, d, seed=cfg.seed)
     gather_tokens(dense, batches, cut, buffer, include_pad=cfg.calibration.include_pad)
     cosine_loss = lambda T: solvers.evaluate_loss(buffer, T, loss="cosine")  # noqa: E731
-    ids = tokenize_corpus(tokenizer, heldout_wikipedia_texts())
-    ppl = lambda m: perplexity(m, ids, window=window, max_windows=ppl_windows).ppl  # noqa: E731
+    heldout = HeldOutPerplexity(tokenizer, window=window, max_windows=ppl_windows)
+    ppl = lambda m: heldout(m).ppl  # noqa: E731
     rows = [{"variant": "dense", "ppl": ppl(dense)},
             {"variant": "drop (no transform, T = I)", "ppl": ppl(apply_cuts(dense, [cut])),
              "cosine_loss": cosine_loss(np.eye(d, dtype=np.float32))}]
     for name, overrides in variants:
-        c = Settings.from_config(cfg).replace(cuts=f"{cut[0]}-{cut[1]}", candidates="selected", **overrides)
+        c = Settings.from_config(cfg).replace(candidates="selected", **overrides)
         t0 = time.perf_counter()
-        result = prune(dense, batches, c)
+        result = prune(dense, batches, c, cuts=[cut])
         seconds = time.perf_counter() - t0
         log.info("quality: %s solved in %.1fs", name, seconds)
         rows.append({"variant": name, "ppl": ppl(result.model), "seconds": seconds,

@@ -4,12 +4,12 @@
     python scripts/ablate.py --config=configs/ablation_smollm2.py:selection    # selection study
     python scripts/ablate.py --config=configs/ablation_smollm2.py:small        # seconds-scale smoke run
 
-Defaults come from ``replaceme_jax.baselines.ablation.sweep_config``. Sweep lists are
+Defaults come from ``replaceme_jax.experiments.sweep.sweep_config``. Sweep lists are
 comma-separated strings (override e.g. --config.sweep.num_blocks=4,8). A sweep dimension only
 multiplies the methods it applies to: solvers and alphas ReplaceMe, selection rules and numbers of
 transforms ReplaceMe and drop; ShortGPT and SLEB get one row per number of blocks removed.
 """
-from replaceme_jax.baselines.ablation import sweep_config
+from replaceme_jax.experiments.sweep import sweep_config
 from replaceme_jax.errors import ReplaceMeError
 
 

@@ -35,59 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from replaceme_jax.errors import ReplaceMeError
 from replaceme_jax.models import sharding as sh
 from replaceme_jax.models.config import ModelConfig
 from replaceme_jax.models.modeling import abstract_model, layer_windows
-
-# Published config.json fields of the models the configs/ name, so a dry run needs no download.
-PUBLISHED_ARCHITECTURES = {
-    "meta-llama/Meta-Llama-3-8B": dict(
-        model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
-        rope_theta=500000.0, max_position_embeddings=8192, tie_word_embeddings=False,
-        bos_token_id=128000, eos_token_id=128001),
-    "meta-llama/Meta-Llama-3-8B-Instruct": dict(
-        model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
-        rope_theta=500000.0, max_position_embeddings=8192, tie_word_embeddings=False,
-        bos_token_id=128000, eos_token_id=128009),
-    "meta-llama/Llama-3.1-8B": dict(
-        model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
-        rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=False,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-        bos_token_id=128000, eos_token_id=128001),
-    "meta-llama/Llama-2-7b-hf": dict(
-        model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-5,
-        rope_theta=10000.0, max_position_embeddings=4096, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2),
-    "Qwen/Qwen2.5-7B": dict(
-        model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
-        num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6,
-        rope_theta=1000000.0, max_position_embeddings=131072, tie_word_embeddings=False,
-        sliding_window=131072, use_sliding_window=False, max_window_layers=28,
-        bos_token_id=151643, eos_token_id=151643),
-    "Qwen/Qwen3-8B": dict(
-        model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
-        num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-        rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=40960,
-        tie_word_embeddings=False, attention_bias=False, bos_token_id=151643, eos_token_id=151645),
-    "meta-llama/Meta-Llama-3-70B": dict(
-        model_type="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672,
-        num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, rms_norm_eps=1e-5,
-        rope_theta=500000.0, max_position_embeddings=8192, tie_word_embeddings=False,
-        bos_token_id=128000, eos_token_id=128001),
-}
-
-
-def published_config(name: str, **overrides) -> ModelConfig:
-    if name not in PUBLISHED_ARCHITECTURES:
-        raise ReplaceMeError(f"unknown architecture {name!r}; known: {sorted(PUBLISHED_ARCHITECTURES)}")
-    return ModelConfig.from_hf_config(PUBLISHED_ARCHITECTURES[name], **overrides)
-
 
 @dataclasses.dataclass(frozen=True)
 class MemoryModel:
@@ -256,16 +206,6 @@ def statistics_memory(config: ModelConfig, request, batch_shape: Sequence[int], 
                        upcast=upcast, batch=batch)
 
 
-def parameter_count(config: ModelConfig) -> tuple[int, int]:
-    """(parameters of the model, parameters of one block), from shapes alone."""
-    from flax import nnx
-    state = nnx.state(abstract_model(config), nnx.Param)
-    leaves = jax.tree_util.tree_leaves_with_path(state)
-    total = sum(int(np.prod(x.shape)) for _, x in leaves)
-    block = sum(int(np.prod(x.shape)) for path, x in leaves if "['layers'][0]" in jax.tree_util.keystr(path))
-    return total, block
-
-
 def xla_memory(compiled) -> dict:
     """XLA's own accounting of a compiled step, bytes per device (None fields where unavailable)."""
     m = compiled.memory_analysis()
@@ -350,40 +290,16 @@ def _mesh_shape(cfg) -> tuple[int, int]:
     return data, model
 
 
-def model_config_of(cfg) -> ModelConfig:
-    """The architecture of a run config, read without any weights: ``cfg.architecture`` (a name in
-    ``PUBLISHED_ARCHITECTURES``) if set, else the checkpoint's config.json or GGUF header."""
-    import os
-    from replaceme_jax.checkpoints.registry import REGISTRY, ALIASES, resolve_default_path
-    overrides = dict(param_dtype=cfg.param_dtype, dtype=cfg.dtype)
-    if cfg.get("architecture", ""):
-        return published_config(cfg.architecture, **overrides)
-    path = os.path.expanduser(str(cfg.model))
-    if not os.path.exists(path) and cfg.model.lower() in {**REGISTRY, **ALIASES}:
-        path = resolve_default_path(cfg.model)
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return ModelConfig.from_hf_config(os.path.join(path, "config.json"), **overrides)
-    if path.endswith(".gguf") and os.path.isfile(path):
-        from replaceme_jax.checkpoints import converted_default_dir
-        converted = converted_default_dir(os.path.basename(path).removesuffix(".gguf"), path) / "config.json"
-        if converted.is_file():  # its conversion's config: parsing a GGUF's vocabulary takes seconds
-            return ModelConfig.from_hf_config(str(converted), **overrides)
-        from replaceme_jax.checkpoints.gguf import _open, config_from_gguf
-        return config_from_gguf(_open(path), path).replace(**overrides)
-    raise ReplaceMeError(f"cannot find the architecture of model {cfg.model!r} without its files; fix: "
-                         f"set --config.architecture to one of {sorted(PUBLISHED_ARCHITECTURES)}, or "
-                         "point --config.model at a directory holding its config.json")
-
-
 def dry_run(cfg, backend: str | None = None) -> MemoryModel:
     """Memory per device of a run config's largest statistics pass, from shapes alone (no weights;
     devices are only counted, for a -1 mesh axis). ``backend`` ("gpu", "tpu", "cpu"; default: this
     machine's) is the one to plan for."""
-    config = model_config_of(cfg)
+    from replaceme_jax.checkpoints import load_config
+    config = load_config(cfg.model, architecture=cfg.get("architecture") or None,
+                         param_dtype=cfg.param_dtype, dtype=cfg.dtype)
     cal = cfg.calibration
     return run_memory(cfg, config, (int(cal.batch_size), int(cal.max_length)), backend=backend)
 
 
 __all__ = ["MemoryModel", "statistics_memory", "compile_statistics_step", "xla_memory", "device_peak_bytes",
-           "dry_run", "parameter_count", "run_memory", "run_requests", "run_memory_report", "model_config_of", "published_config",
-           "PUBLISHED_ARCHITECTURES", "format_bytes"]
+           "dry_run", "run_memory", "run_requests", "run_memory_report", "format_bytes"]

@@ -28,7 +28,8 @@ def main(argv) -> int:
         raise ReplaceMeError(f"unexpected arguments {argv[1:]}; pass settings as --config.<field>=...")
     import datasets
 
-    from replaceme_jax.baselines.ablation import load_rows, results_markdown, run_sweep, selection_markdown
+    from replaceme_jax.experiments.sweep import load_rows, run_sweep
+    from replaceme_jax.experiments.tables import results_markdown, selection_markdown
     datasets.disable_progress_bars()
     from replaceme_jax.settings import Settings
     cfg = CONFIG.value

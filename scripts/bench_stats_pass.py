@@ -26,7 +26,7 @@ import types
 from absl import flags
 
 ARCH = flags.DEFINE_string("architecture", "meta-llama/Meta-Llama-3-8B",
-                           "Published architecture (replaceme_jax.memory.PUBLISHED_ARCHITECTURES).")
+                           "Published architecture (replaceme_jax.checkpoints.architectures).")
 BLOCKS = flags.DEFINE_integer("blocks", 4, "Blocks to keep (the pass's cost is linear in them).")
 BATCH = flags.DEFINE_integer("batch", 8, "Sequences per batch (the paper: 8).")
 LENGTH = flags.DEFINE_integer("length", 1024, "Tokens per sequence (the paper: 1024).")
@@ -135,7 +135,8 @@ def main(argv) -> int:
 
     data, model_axis = _parse_mesh(MESH.value)
     plan = sh.ShardingPlan(sh.make_mesh(data, model_axis), RULES.value)
-    config = memory.published_config(ARCH.value, param_dtype=DTYPE.value, dtype=DTYPE.value)
+    from replaceme_jax.checkpoints.architectures import published_config
+    config = published_config(ARCH.value, param_dtype=DTYPE.value, dtype=DTYPE.value)
     if not 2 <= BLOCKS.value <= config.num_hidden_layers:
         raise ReplaceMeError(f"--blocks={BLOCKS.value}: choose 2..{config.num_hidden_layers}")
     config = config.replace(num_hidden_layers=BLOCKS.value)

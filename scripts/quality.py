@@ -27,8 +27,7 @@ def main(argv) -> int:
     import jax
 
     from replaceme_jax.checkpoints import load_pretrained
-    from replaceme_jax.data.corpora import heldout_wikipedia_texts
-    from replaceme_jax.eval.perplexity import perplexity, tokenize_corpus
+    from replaceme_jax.eval.perplexity import HeldOutPerplexity
     from replaceme_jax.io_utils import atomic_write_json, atomic_write_text
     from replaceme_jax.replaceme import selection as sel
     from replaceme_jax.replaceme.pipeline import calibration_batches, prune
@@ -44,8 +43,7 @@ def main(argv) -> int:
     stats = gather_statistics(model, batches, statistics_request(cfg, model.config.num_hidden_layers),
                               progress=True)
     stats_s = time.perf_counter() - t0
-    ids = tokenize_corpus(tok, heldout_wikipedia_texts())
-    ppl = lambda m: perplexity(m, ids, window=cfg.eval.window, max_windows=cfg.eval.perplexity_windows)  # noqa: E731
+    ppl = HeldOutPerplexity(tok, window=cfg.eval.window, max_windows=cfg.eval.perplexity_windows)
     dense = ppl(model)
     rows = [{"rule": "-", "cut": "-", "method": "dense", "ppl": dense.ppl, "relative_residual": None}]
     n = cfg.num_blocks
@@ -56,9 +54,8 @@ def main(argv) -> int:
         rows.append({"rule": rule, "cut": label, "method": "drop", "ppl": ppl(apply_cuts(model, [cut])).ppl,
                      "relative_residual": 1.0})
         for solver in SOLVERS.value:
-            c = cfg.replace(solver=solver, cuts=f"{cut[0]}-{cut[1]}", progress=False)
             t = time.perf_counter()
-            result = prune(model, batches, c, stats=stats)
+            result = prune(model, batches, cfg.replace(solver=solver, progress=False), stats=stats, cuts=[cut])
             rows.append({"rule": rule, "cut": label, "method": solver, "ppl": ppl(result.model).ppl,
                          "relative_residual": result.residuals[0],
                          "solve_s": round(time.perf_counter() - t, 1)})

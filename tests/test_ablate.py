@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from replaceme_jax.baselines import ablation
+from replaceme_jax.experiments import sweep as runner
+from replaceme_jax.experiments import tables
 from replaceme_jax.baselines import methods as mth
 from replaceme_jax.errors import ReplaceMeError
 from replaceme_jax.models.config import ModelConfig
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def small_cfg(out, **sweep):
-    cfg = ablation.sweep_config()
+    cfg = runner.sweep_config()
     cfg.pipeline.calibration.num_samples = 8
     cfg.pipeline.calibration.max_length = 32
     cfg.sweep.methods = "replaceme,drop,shortgpt,sleb"
@@ -43,7 +44,7 @@ def small_cfg(out, **sweep):
 
 def test_sweep_rows_apply_each_setting_to_its_methods(tmp_path):
     cfg = small_cfg(tmp_path, selections="angular,residual", alphas="0,1", num_transforms="1,2")
-    rows = ablation.sweep_rows(cfg)
+    rows = runner.sweep_rows(cfg)
     by = lambda m: [r for r in rows if r.method == m]  # noqa: E731
     # replaceme: 2 solvers x 2 rules x 2 alphas x 2 sizes x 2 transform counts; drop: no solver/alpha.
     assert len(by("replaceme")) == 2 * 2 * 2 * 2 * 2 and len(by("drop")) == 2 * 2 * 2
@@ -54,7 +55,7 @@ def test_sweep_rows_apply_each_setting_to_its_methods(tmp_path):
                        ({"selections": "random"}, "unknown selection"), ({"num_blocks": "4,x"}, "cannot read"),
                        ({"alphas": ""}, "empty sweep list")]:
         with pytest.raises(ReplaceMeError, match=match):
-            ablation.sweep_rows(small_cfg(tmp_path, **bad))
+            runner.sweep_rows(small_cfg(tmp_path, **bad))
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +72,9 @@ def tiny_with_tokenizer(smollm2_gguf_path):
 def test_sweep_runs_caches_and_resumes(tiny_with_tokenizer, tmp_path, monkeypatch):
     model, tokenizer = tiny_with_tokenizer
     cfg = small_cfg(tmp_path / "sweep")
-    rows = ablation.run_sweep(cfg, model, tokenizer, log=lambda _: None)
+    rows = runner.run_sweep(cfg, model, tokenizer, log=lambda _: None)
     out = Path(cfg.output_dir)
-    expected = {r.id for r in ablation.sweep_rows(cfg)} | {"dense"}
+    expected = {r.id for r in runner.sweep_rows(cfg)} | {"dense"}
     assert {p.stem for p in (out / "rows").glob("*.json")} == expected and len(rows) == len(expected)
     for r in rows:
         assert r["num_blocks"] == 5 - r["removed"] and len(r.get("removed_blocks", [])) == r["removed"]
@@ -99,7 +100,7 @@ def test_sweep_runs_caches_and_resumes(tiny_with_tokenizer, tmp_path, monkeypatc
         raise AssertionError("a finished row was recomputed")
     for name in ("replaceme", "drop", "shortgpt", "sleb"):
         monkeypatch.setattr(mth, name, boom)
-    again = ablation.run_sweep(cfg, model, tokenizer, log=lambda _: None)
+    again = runner.run_sweep(cfg, model, tokenizer, log=lambda _: None)
     assert [r["id"] for r in again] == [r["id"] for r in rows]
     monkeypatch.undo()
 
@@ -107,7 +108,7 @@ def test_sweep_runs_caches_and_resumes(tiny_with_tokenizer, tmp_path, monkeypatc
     # rows add the selection study table.
     grown = small_cfg(tmp_path / "sweep", solvers="lstsq,orth_diag,diag", selections="angular,search")
     stat_files = {p: p.stat().st_mtime_ns for p in (out / "cache").glob("stats-*.npz")}
-    rows = ablation.run_sweep(grown, model, tokenizer, log=lambda _: None)
+    rows = runner.run_sweep(grown, model, tokenizer, log=lambda _: None)
     assert {p: p.stat().st_mtime_ns for p in (out / "cache").glob("stats-*.npz")} == stat_files
     assert (out / "rows" / "replaceme_diag_angular_n2_T1_a0_r2_cal8.json").exists()
     search = {r["id"]: r for r in rows if r.get("selection") == "search"}
@@ -123,11 +124,11 @@ def test_sweep_runs_caches_and_resumes(tiny_with_tokenizer, tmp_path, monkeypatc
     changed = small_cfg(tmp_path / "sweep")
     changed.eval.window = 32
     with pytest.raises(ReplaceMeError, match="other fixed settings"):
-        ablation.run_sweep(changed, model, tokenizer)
+        runner.run_sweep(changed, model, tokenizer)
     changed.overwrite = True
     changed.sweep.methods = "shortgpt"
     changed.sweep.num_blocks = "1"
-    rows = ablation.run_sweep(changed, model, tokenizer, log=lambda _: None)
+    rows = runner.run_sweep(changed, model, tokenizer, log=lambda _: None)
     assert [r["method"] for r in rows] == ["dense", "shortgpt"]
 
 
@@ -139,14 +140,14 @@ def test_selection_table_measures_distance_from_search():
     rows = [{"method": "dense", "removed": 0, "num_blocks": 30, "heldout_ppl": {"ppl": 10.0}, "avg_acc": 0.5},
             row("angular", (20, 24), 30.0, 0.40), row("residual", (18, 22), 25.0, 0.44),
             row("search", (17, 21), 24.0, 0.45)]
-    text = ablation.selection_markdown(rows)
+    text = tables.selection_markdown(rows)
     lines = [line for line in text.splitlines() if line.startswith("| ReplaceMe")]
     assert len(lines) == 2
     assert "| angular | 20-23 | 17-20 | 30.00 | 24.00 | +6.00 | 0.400 | 0.450 | -0.050 |" in lines[0]
     assert "+1.00" in lines[1] and "-0.010" in lines[1]
-    md = ablation.results_markdown(rows)
+    md = tables.results_markdown(rows)
     assert "| 4 | ReplaceMe lstsq (angular) | 20 21 22 23 | 30.00 | 3.00 | 0.400 | 80.0 |" in md
-    assert ablation.plot_png(rows)[:4] == b"\x89PNG"
+    assert tables.plot_png(rows)[:4] == b"\x89PNG"
 
 
 def test_script_reports_bad_settings_in_one_line(tmp_path):

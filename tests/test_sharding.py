@@ -14,7 +14,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from replaceme_jax import memory
-from replaceme_jax.checkpoints.keymap import abstract_model, param_items
+from replaceme_jax.checkpoints import load_config
+from replaceme_jax.checkpoints.architectures import published_config
+from replaceme_jax.checkpoints.keymap import param_items
+from replaceme_jax.models.modeling import abstract_model
 from replaceme_jax.errors import ReplaceMeError
 from replaceme_jax.models import sharding as sh
 from replaceme_jax.models.config import ModelConfig
@@ -143,12 +146,13 @@ def test_configs_carry_the_paper_settings_and_real_architectures(name):
     cal = cfg.calibration
     assert (cal.num_samples, cal.max_length, cal.batch_size) == (8000, 1024, 8)
     assert cfg.mesh.rules in sh.RULE_SETS and cfg.param_dtype == "bfloat16"
-    config = memory.model_config_of(cfg)  # no checkpoint here: the published architecture
+    config = load_config(cfg.model, architecture=cfg.architecture, param_dtype=cfg.param_dtype,
+                         dtype=cfg.dtype)  # no checkpoint here: the published architecture
     assert _parameter_count(config) == PUBLISHED_PARAMETERS[architecture]
 
 
 def test_memory_model_parameters_and_sums_per_device():
-    config = memory.published_config("meta-llama/Meta-Llama-3-8B", param_dtype="bfloat16", dtype="bfloat16")
+    config = published_config("meta-llama/Meta-Llama-3-8B", param_dtype="bfloat16", dtype="bfloat16")
     request = StatsRequest(cuts=((1, 2), (2, 3)), accum_dtype="float64")
     m = memory.statistics_memory(config, request, (8, 1024), mesh_shape=(1, 8), rules="tensor", backend="gpu")
     norms = (2 * config.num_hidden_layers + 1) * config.hidden_size  # replicated

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from replaceme_jax.baselines.nll import mean_nll, subset_batches
+from replaceme_jax.eval.nll import mean_nll, subset_batches
 from replaceme_jax.data import load_calibration_texts, make_batches, tokenize_texts
 from replaceme_jax.data.batching import sequences
 from replaceme_jax.errors import ReplaceMeError

@@ -86,7 +86,7 @@ def test_cut_ending_at_last_block_is_supported():
 def test_pruned_models_of_one_shape_share_compilations():
     """Folding T at different anchors must not give the pruned models different jit signatures
     (the search rule and SLEB score dozens of them: one compilation, not one per cut)."""
-    from replaceme_jax.baselines import nll
+    from replaceme_jax.eval import nll
     from replaceme_jax.data import make_batches
     cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=8,
                       num_attention_heads=4, num_key_value_heads=2)

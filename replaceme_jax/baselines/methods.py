@@ -6,7 +6,7 @@
 - ``shortgpt``: the n blocks of lowest Block Influence, anywhere in the model.
 - ``sleb``: greedy removal by calibration perplexity.
 
-Everything takes an already gathered ``Statistics`` (see ``statistics_cache``), so a sweep runs the
+Everything takes an already gathered ``Statistics`` (see ``experiments.statistics_cache``), so a sweep runs the
 statistics pass once per calibration setting instead of once per row.
 """
 from __future__ import annotations
@@ -17,18 +17,17 @@ from typing import Any
 
 import numpy as np
 
-from replaceme_jax.baselines.search import CLOSED_FORM, search_scores
+from replaceme_jax.replaceme.search import CLOSED_FORM, search_scores
 from replaceme_jax.baselines.shortgpt import block_influence, shortgpt_blocks
 from replaceme_jax.baselines.sleb import SlebResult, sleb_order
 from replaceme_jax.errors import ReplaceMeError
 from replaceme_jax.models.modeling import CausalLM
 from replaceme_jax.replaceme import selection as sel
-from replaceme_jax.replaceme import solvers
 from replaceme_jax.replaceme.cuts import Cut
-from replaceme_jax.replaceme.statistics import Statistics, StatsRequest, gather_statistics
+from replaceme_jax.replaceme.statistics import Statistics
 from replaceme_jax.replaceme.surgery import apply_cuts, drop_blocks
 from replaceme_jax.settings import SOLVERS as SOLVER_NAMES
-from replaceme_jax.settings import TOKEN_SOLVERS, Settings
+from replaceme_jax.settings import Settings
 
 METHODS = ("replaceme", "drop", "shortgpt", "sleb")
 
@@ -67,21 +66,13 @@ def select_cuts(stats: Statistics, n: int, *, rule: str = "angular", alpha: floa
     return sel.choose_cuts(scores, num_transforms, merge_consecutive), scores
 
 
-def _normal_equations(model, batches, stats: Statistics, cuts: list[Cut], include_pad: bool, accum_dtype: str):
-    """Normal equations per cut, from ``stats`` or (merged / ungathered cuts) from one more pass."""
-    missing = tuple(c for c in cuts if c not in stats.request.cuts)
-    extra = None
-    if missing:
-        extra = gather_statistics(model, batches, StatsRequest(cuts=missing, include_pad=include_pad,
-                                                               accum_dtype=accum_dtype))
-    return [(extra if c in missing else stats).normal_equations(c) for c in cuts]
-
-
 def replaceme(model, batches, stats: Statistics, n: int, *, solver: str = "lstsq", alpha: float = 0.0,
               rule: str = "angular", num_transforms: int = 1, merge_consecutive: bool = True,
               validation=None, scores: dict[Cut, float] | None = None, cfg=None) -> MethodResult:
-    """ReplaceMe with any solver; ``cfg`` (the pipeline config) is needed by the token solvers only."""
-    from replaceme_jax.replaceme import pipeline
+    """ReplaceMe with any solver: cuts from ``rule`` (or the cached ``scores``), then ``pipeline.prune``
+    on them. ``cfg``: the run's settings for everything else (the token solvers' optimiser, the
+    multi-cut mode); None: the defaults, with the pass's pad and accumulation settings."""
+    from replaceme_jax.replaceme.pipeline import prune
     if solver not in SOLVER_NAMES:
         raise ReplaceMeError(f"unknown solver {solver!r}; choose one of {SOLVER_NAMES}")
     t0 = time.perf_counter()
@@ -89,32 +80,19 @@ def replaceme(model, batches, stats: Statistics, n: int, *, solver: str = "lstsq
     cuts, scores = select_cuts(stats, n, rule=rule, alpha=alpha, num_transforms=num_transforms,
                                merge_consecutive=merge_consecutive, model=model, validation=validation,
                                search_solver=search_solver, scores=scores)
-    include_pad = cfg.calibration.include_pad if cfg is not None else stats.request.include_pad
-    accum = cfg.accum_dtype if cfg is not None else stats.request.accum_dtype
-    if solver in TOKEN_SOLVERS:
-        if cfg is None:
-            raise ReplaceMeError(f"solver {solver!r} trains on calibration tokens and needs the pipeline "
-                                 "config (cfg=) for its optimiser settings")
-        run_cfg = Settings.from_config(cfg).replace(solver=solver, alpha=alpha, num_blocks=n, candidates="selected",
-                                                    cuts=",".join(f"{s}-{e}" for s, e in cuts))
-        if len(cuts) == 1:  # the cached normal equations give the lstsq init; no second pass
-            (ne,) = _normal_equations(model, batches, stats, cuts, include_pad, accum)
-            solve = pipeline.solve_cut(model, batches, cuts[0], ne, run_cfg)
-            transforms, residuals = [np.asarray(solve.T)], [float(solvers.relative_residual(ne, solve.T))]
-            pruned = apply_cuts(model, cuts, transforms)
-        else:  # several cuts: the pipeline's own (sequential) multi-cut path
-            result = pipeline.prune(model, batches, run_cfg)
-            pruned, transforms, residuals = result.model, result.transforms, result.residuals
+    if cfg is None:
+        settings = Settings.from_config({}).replace(**{"calibration.include_pad": stats.request.include_pad,
+                                                        "accum_dtype": stats.request.accum_dtype,
+                                                        "progress": False})
     else:
-        transforms, residuals = [], []
-        for cut, ne in zip(cuts, _normal_equations(model, batches, stats, cuts, include_pad, accum)):
-            T = solvers.get_solver(solver)(ne, alpha=alpha).T
-            transforms.append(np.asarray(T))
-            residuals.append(float(solvers.relative_residual(ne, T)))
-        pruned = apply_cuts(model, cuts, transforms)
+        settings = Settings.from_config(cfg)
+    settings = settings.replace(solver=solver, alpha=alpha, num_blocks=n, num_transforms=num_transforms,
+                                selection=rule, merge_consecutive=merge_consecutive, candidates="selected",
+                                cuts="")
+    result = prune(model, batches, settings, stats=stats, cuts=cuts)
     removed = sorted(i for s, e in cuts for i in range(s, e))
-    return MethodResult(pruned, "replaceme", removed, list(cuts), transforms,
-                        {"residuals": residuals, "scores": _scores_json(scores), "rule": rule,
+    return MethodResult(result.model, "replaceme", removed, list(cuts), result.transforms,
+                        {"residuals": result.residuals, "scores": _scores_json(scores), "rule": rule,
                          "solver": solver, "seconds": time.perf_counter() - t0})
 
 

@@ -23,10 +23,9 @@ def _influence_sums(graphdef, state, input_ids, attention_mask):
     model = nnx.merge(graphdef, state)
     cos, sin, biases = model.attention_inputs(attention_mask)
     weight = (attention_mask > 0).astype(jnp.float32)
-    h = model.embed(input_ids)
+    h = model.embed(input_ids)  # the block's input; ``out`` its output
     sums = []
-    for layer, bias in zip(model.model.layers, biases):
-        out = layer(h, cos, sin, bias)
+    for *_, out in model.blocks(h, cos, sin, biases):
         a, b = h.astype(jnp.float32), out.astype(jnp.float32)
         norms = jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1)
         cosine = jnp.sum(a * b, axis=-1) / jnp.maximum(norms, 1e-12)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-from replaceme_jax.baselines.nll import mean_nll
+from replaceme_jax.eval.nll import mean_nll
 from replaceme_jax.replaceme.surgery import drop_blocks
 from replaceme_jax.errors import ReplaceMeError
 

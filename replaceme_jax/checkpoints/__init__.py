@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from replaceme_jax.checkpoints.registry import (REGISTRY, absolute_path, checkpoint_kind,
+from replaceme_jax.checkpoints.registry import (ALIASES, REGISTRY, absolute_path, checkpoint_kind,
                                                 resolve_default_path)
 
 
@@ -61,17 +61,30 @@ def _run_output_model(path: str) -> str:
     return path
 
 
+def resolve_checkpoint(name_or_path: str, *, convert: bool = True) -> tuple[str, str]:
+    """(path, kind) of a registry name, a .gguf file, an HF directory, an Orbax checkpoint or a
+    pruning run's output directory (its hf/ or orbax/); kind is 'gguf', 'hf' or 'orbax'.
+
+    A registry model's GGUF stands for its cached HF conversion: made on first use when ``convert``,
+    else used only if it already exists."""
+    name_or_path = os.fspath(name_or_path)
+    path = str(absolute_path(name_or_path)) if os.path.exists(name_or_path) else None
+    if path is None and name_or_path.lower() in {**REGISTRY, **ALIASES}:
+        path = resolve_default_path(name_or_path)
+        name = os.path.basename(path).removesuffix(".gguf")
+        if convert:
+            path = _cached_default(name, path) or path
+        elif (converted_default_dir(name, path) / "config.json").is_file():
+            path = str(converted_default_dir(name, path))
+    path = _run_output_model(path) if path else name_or_path
+    return path, checkpoint_kind(path)
+
+
 def load_pretrained(name_or_path: str, *, param_dtype: str | None = None, dtype: str | None = None,
                     place=None):
     """(CausalLM, tokenizer) from a registry name, a .gguf file, an HF directory, an Orbax checkpoint
     or a pruning run's output directory (its hf/ or orbax/)."""
-    name_or_path = os.fspath(name_or_path)
-    path = str(absolute_path(name_or_path)) if os.path.exists(name_or_path) else None
-    if path is None and name_or_path.lower() in {**REGISTRY, "default": 0, "smollm2-135m-instruct": 0}:
-        path = resolve_default_path(name_or_path)
-        path = _cached_default(os.path.basename(path).removesuffix(".gguf"), path) or path
-    path = _run_output_model(path) if path else path
-    kind = checkpoint_kind(path or name_or_path)
+    path, kind = resolve_checkpoint(name_or_path)
     if kind == "gguf":
         from replaceme_jax.checkpoints.gguf import load_gguf
         return load_gguf(path, param_dtype=param_dtype, dtype=dtype, place=place)
@@ -82,4 +95,24 @@ def load_pretrained(name_or_path: str, *, param_dtype: str | None = None, dtype:
     return restore_orbax(path, param_dtype=param_dtype, dtype=dtype, place=place)
 
 
-__all__ = ["load_pretrained", "resolve_default_path", "checkpoint_kind", "REGISTRY"]
+def load_config(name_or_path: str, *, architecture: str | None = None, **overrides):
+    """The ``ModelConfig`` of a checkpoint (as ``load_pretrained`` finds it), read without any weights,
+    or of a published ``architecture`` (``checkpoints.architectures``) when one is named."""
+    from replaceme_jax.checkpoints.architectures import PUBLISHED_ARCHITECTURES, published_config
+    from replaceme_jax.errors import ReplaceMeError
+    from replaceme_jax.models.config import ModelConfig
+    if architecture:
+        return published_config(architecture, **overrides)
+    try:
+        path, kind = resolve_checkpoint(name_or_path, convert=False)
+    except ReplaceMeError as e:
+        raise ReplaceMeError(f"{e} (to plan without the checkpoint's files, set --config.architecture to one "
+                             f"of {sorted(PUBLISHED_ARCHITECTURES)})") from None
+    if kind == "gguf":
+        from replaceme_jax.checkpoints.gguf import read_config
+        return read_config(path).replace(**overrides)
+    return ModelConfig.from_hf_config(os.path.join(path, "config.json"), **overrides)  # HF and Orbax alike
+
+
+__all__ = ["load_pretrained", "load_config", "resolve_checkpoint", "resolve_default_path", "checkpoint_kind",
+           "REGISTRY"]

@@ -107,6 +107,11 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def read_config(path: str) -> ModelConfig:
+    """The architecture in a GGUF's header (no tensor is read)."""
+    return config_from_gguf(_open(path), path)
+
+
 def _tensor_loader(tensor, hf_name: str, config: ModelConfig):
     import gguf
 

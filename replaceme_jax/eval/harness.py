@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from replaceme_jax.errors import ReplaceMeError
-from replaceme_jax.eval.perplexity import DEFAULT_WINDOW, perplexity, tokenize_corpus
+from replaceme_jax.eval.perplexity import DEFAULT_WINDOW, HeldOutPerplexity
 from replaceme_jax.eval.tasks import TaskSpec, check_task_data, resolve_tasks, task_manager
 
 
@@ -187,9 +187,9 @@ def evaluate_models(models, *, tasks: str | Sequence[str] = "paper", limit: int 
 
     results = {"tasks": [s.name for s in specs], "limit": limit, "seed": seed, "dense": dense,
                "heldout": None, "models": {}}
-    # Corpus token ids per tokenizer object (pruned models share the dense one); the tokenizer is
+    # One evaluator per tokenizer object (pruned models share the dense one); the tokenizer is
     # kept in the value so its id() cannot be reused by another tokenizer.
-    corpus_ids: dict[int, tuple] = {}
+    heldout: dict[int, tuple] = {}
     for entry in entries:
         name, started = entry[0], time.perf_counter()
         if len(entry) == 2:
@@ -219,13 +219,10 @@ def evaluate_models(models, *, tasks: str | Sequence[str] = "paper", limit: int 
             record["seconds"][spec.name] = round(time.perf_counter() - t0, 1)
         if heldout_ppl:
             t0 = time.perf_counter()
-            if id(tokenizer) not in corpus_ids:
-                if ppl_texts is None:
-                    from replaceme_jax.data.corpora import heldout_wikipedia_texts
-                    ppl_texts = heldout_wikipedia_texts()
-                corpus_ids[id(tokenizer)] = (tokenizer, tokenize_corpus(tokenizer, ppl_texts))
-            ppl = perplexity(model, corpus_ids[id(tokenizer)][1], window=ppl_window, stride=ppl_stride,
-                             max_windows=ppl_windows).to_dict()
+            if id(tokenizer) not in heldout:
+                heldout[id(tokenizer)] = (tokenizer, HeldOutPerplexity(
+                    tokenizer, ppl_texts, window=ppl_window, stride=ppl_stride, max_windows=ppl_windows))
+            ppl = heldout[id(tokenizer)][1](model).to_dict()
             record["heldout_ppl"] = ppl
             record["seconds"]["heldout_ppl"] = round(time.perf_counter() - t0, 1)
             results["heldout"] = {k: ppl[k] for k in ("window", "stride", "num_windows", "num_tokens")}

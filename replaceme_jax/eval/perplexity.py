@@ -129,3 +129,26 @@ def perplexity(model, tokenizer_or_token_ids, texts: Sequence[str] | None = None
     return PerplexityResult(ppl=math.exp(nll), nll=nll, num_tokens=count, num_windows=len(spans),
                             window=window, stride=window if stride is None else stride,
                             corpus_tokens=int(ids.size))
+
+
+class HeldOutPerplexity:
+    """Perplexity of any number of models on one held-out corpus, tokenised once.
+
+    The one evaluator behind the main job's report, the ablation sweep, the quality study, the
+    benchmarks and ``scripts/evaluate.py``; pruned models share the dense model's tokenizer, so
+    they are scored on exactly the same token windows. ``texts``: default the held-out Wikipedia
+    corpus (``data.corpora.heldout_wikipedia_texts``); the other arguments as in ``perplexity``.
+    """
+
+    def __init__(self, tokenizer, texts: Sequence[str] | None = None, *, window: int = DEFAULT_WINDOW,
+                 stride: int | None = None, max_windows: int | None = None, batch_size: int = 4,
+                 separator: str = DEFAULT_SEPARATOR):
+        if texts is None:
+            from replaceme_jax.data.corpora import heldout_wikipedia_texts
+            texts = heldout_wikipedia_texts()
+        self.token_ids = tokenize_corpus(tokenizer, texts, separator)
+        self.window, self.stride, self.max_windows, self.batch_size = window, stride, max_windows, batch_size
+
+    def __call__(self, model, progress: str | None = None) -> PerplexityResult:
+        return perplexity(model, self.token_ids, window=self.window, stride=self.stride,
+                          batch_size=self.batch_size, max_windows=self.max_windows, progress=progress)

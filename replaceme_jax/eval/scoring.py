@@ -85,8 +85,8 @@ def _hidden_states(graphdef, state, ids, segments, branches, positions):
     windows = layer_windows(model.config)
     biases = {w: tree_attention_bias(segments, branches, positions, w) for w in set(windows)}
     h = model.embed(ids)
-    for layer, w in zip(model.model.layers, windows):
-        h = layer(h, cos, sin, biases[w])
+    for *_, h in model.blocks(h, cos, sin, [biases[w] for w in windows]):
+        pass
     return h
 
 

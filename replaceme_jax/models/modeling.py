@@ -346,6 +346,17 @@ class CausalLM(nnx.Module):
         cache = {w: attention_bias(attention_mask, w) for w in set(windows)}
         return cos, sin, [cache[w] for w in windows]
 
+    def blocks(self, h, cos, sin, biases, *, depth: int | None = None, residual=None):
+        """The block loop every full-sequence pass runs: from embeddings ``h`` yield ``(k, Y_k, M_k,
+        L_k)`` for blocks k < ``depth`` (default: all). ``biases[k]`` is block k's attention bias;
+        ``residual`` (e.g. a sharding constraint) is applied to each block output before the next
+        block reads it. Statistics, token gathering, Block Influence and scoring consume it."""
+        depth = len(self.model.layers) if depth is None else depth
+        for k in range(depth):
+            y, m = self.model.layers[k].parts(h, cos, sin, biases[k])
+            h = y + m if residual is None else residual(y + m)
+            yield k, y, m, h
+
     def head(self, h):
         """Final norm + LM head -> float32 logits."""
         h = self.model.norm(h)
@@ -362,9 +373,7 @@ class CausalLM(nnx.Module):
         cos, sin, biases = self.attention_inputs(attention_mask, positions)
         h = self.embed(input_ids)
         ys, ms, ls = [], [], []
-        for layer, bias in zip(self.model.layers, biases):
-            y, m = layer.parts(h, cos, sin, bias)
-            h = y + m
+        for _, y, m, h in self.blocks(h, cos, sin, biases):
             if return_intermediates:
                 ys.append(y), ms.append(m), ls.append(h)
         logits = self.head(h)
@@ -424,6 +433,15 @@ def abstract_model(config: ModelConfig) -> CausalLM:
     its own, so a loader may fill them in place."""
     graphdef, state = abstract_split(config)
     return nnx.merge(graphdef, jax.tree.map(lambda x: x, state))
+
+
+def parameter_count(config: ModelConfig) -> tuple[int, int]:
+    """(parameters of a model of ``config``, parameters of one block), from shapes alone."""
+    _, state = abstract_split(config)
+    leaves = [(path, var) for path, var in nnx.to_flat_state(state) if isinstance(var, nnx.Param)]
+    total = sum(int(np.prod(var.shape)) for _, var in leaves)
+    block = sum(int(np.prod(var.shape)) for path, var in leaves if path[1:3] == ("layers", 0))
+    return total, block
 
 
 def num_parameters(model: nnx.Module) -> int:

@@ -12,16 +12,13 @@ from replaceme_jax.models.modeling import num_parameters
 
 def heldout_perplexities(dense, result, tokenizer, cfg) -> dict:
     """Held-out Wikipedia perplexity of dense, pruned and (optionally) plain-dropped models."""
-    from replaceme_jax.data.corpora import heldout_wikipedia_texts
-    from replaceme_jax.eval.perplexity import perplexity, tokenize_corpus
+    from replaceme_jax.eval.perplexity import HeldOutPerplexity
     from replaceme_jax.replaceme.surgery import apply_cuts
-    ids = tokenize_corpus(tokenizer, heldout_wikipedia_texts())
-    kw = dict(window=cfg.eval.window, max_windows=cfg.eval.perplexity_windows)
+    ppl = HeldOutPerplexity(tokenizer, window=cfg.eval.window, max_windows=cfg.eval.perplexity_windows)
     label = (lambda name: f"perplexity, {name}") if cfg.progress else (lambda name: None)
-    out = {"dense": perplexity(dense, ids, progress=label("dense"), **kw).to_dict(),
-           "pruned": perplexity(result.model, ids, progress=label("pruned"), **kw).to_dict()}
+    out = {"dense": ppl(dense, label("dense")).to_dict(), "pruned": ppl(result.model, label("pruned")).to_dict()}
     if cfg.eval.compare_drop:
-        out["drop"] = perplexity(apply_cuts(dense, result.cuts), ids, progress=label("drop"), **kw).to_dict()
+        out["drop"] = ppl(apply_cuts(dense, result.cuts), label("drop")).to_dict()
     return out
 
 

@@ -5,6 +5,7 @@
 - ``residual``: relative residual ‖M T − (L − Y)‖² / ‖L − Y‖² of the cut's own least-squares
   transform, computed from the gathered sums alone; smaller is better.
 Both come from the same single statistics pass. A rule is a function (stats, n, alpha) -> {cut: score}.
+- ``search`` (``replaceme.search``): the validation NLL of the model pruned at every cut (the yardstick).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from replaceme_jax.errors import ReplaceMeError
 from replaceme_jax.replaceme.cuts import Cut, candidate_cuts
+from replaceme_jax.replaceme.search import search_scores
 from replaceme_jax.replaceme.statistics import Statistics
 
 logger = logging.getLogger(__name__)
@@ -58,14 +60,15 @@ def residual_scores(stats: Statistics, n: int, alpha: float = 0.0) -> dict[Cut, 
     return scores
 
 
+# Every selection rule, by the name ``settings.selection`` uses. A rule is (stats, n, alpha) -> {cut: score},
+# lower is better; those in MODEL_RULES also take model= and validation= (batches of the calibration
+# source's validation split), which the pipeline passes.
 SELECTION_RULES: dict[str, Callable[..., dict[Cut, float]]] = {
     "angular": angular_scores,
     "residual": residual_scores,
+    "search": search_scores,
 }
-
-
-def register_selection_rule(name: str, fn: Callable[..., dict[Cut, float]]) -> None:
-    SELECTION_RULES[name] = fn
+MODEL_RULES = frozenset({"search"})
 
 
 def get_rule(name: str):

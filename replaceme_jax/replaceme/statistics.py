@@ -128,14 +128,14 @@ def _batch_sums(model, input_ids, attention_mask, request: StatsRequest, depth: 
     w = (row_valid[:, None] * jnp.ones_like(mask)) if request.include_pad else mask
     cos, sin, biases = model.attention_inputs(attention_mask)
     h = constrain(model.embed(input_ids), plan, RESIDUAL)
+    d = h.shape[-1]
     last_idx, seq_valid = _segment_ends(attention_mask)
     lasts = [_last_tokens(h, last_idx).astype(jnp.float32)]
     anchors, cuts = request.anchors, request.cuts
     keep = {}
     cross, target_sq = [None] * len(cuts), [None] * len(cuts)
-    for k in range(depth):
-        y, m = model.model.layers[k].parts(h, cos, sin, biases[k])
-        h = constrain(y + m, plan, RESIDUAL)
+    pin = lambda x: constrain(x, plan, RESIDUAL)  # noqa: E731
+    for k, y, m, h in model.blocks(h, cos, sin, biases, depth=depth, residual=pin):
         if k in anchors:
             keep[k] = (y.astype(acc), m.astype(acc) * w[..., None].astype(acc))
         for c, (s, e) in enumerate(cuts):
@@ -146,7 +146,6 @@ def _batch_sums(model, input_ids, attention_mask, request: StatsRequest, depth: 
                 target_sq[c] = jnp.sum(w[..., None].astype(acc) * r * r)
         if request.max_distance_blocks:
             lasts.append(_last_tokens(h, last_idx).astype(jnp.float32))
-    d = h.shape[-1]
     out = {
         "gram": (jnp.stack([jnp.einsum("btd,bte->de", keep[a][1], keep[a][1], precision=_HI) for a in anchors])
                  if anchors else jnp.zeros((0, d, d), acc)),
@@ -266,11 +265,8 @@ def _compiled_token_step(graphdef, cut: Cut):
     def step(state, input_ids, attention_mask):
         model = nnx.merge(graphdef, state)
         cos, sin, biases = model.attention_inputs(attention_mask)
-        h = model.embed(input_ids)
         s, e = cut
-        for k in range(e):
-            y, m = model.model.layers[k].parts(h, cos, sin, biases[k])
-            h = y + m
+        for k, y, m, h in model.blocks(model.embed(input_ids), cos, sin, biases, depth=e):
             if k == s - 1:
                 y_a, m_a = y, m
         return m_a.astype(jnp.float32), y_a.astype(jnp.float32), h.astype(jnp.float32)

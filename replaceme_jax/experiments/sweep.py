@@ -6,15 +6,14 @@ only multiplies the methods it applies to). The statistics pass, ShortGPT's Bloc
 SLEB's greedy order and the search rule's scores are cached under ``<output_dir>/cache`` keyed by
 their settings; each finished row is one JSON file under ``<output_dir>/rows``, so an interrupted
 sweep resumes where it stopped. After every row the tables (``results.csv``, ``results.md``,
-``selection.md`` when the search rule ran) and ``plots.png`` are rewritten atomically.
+``selection.md`` when the search rule ran) and ``plots.png`` are rewritten atomically
+(``experiments.tables``).
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
-import math
 import shutil
 import time
 from pathlib import Path
@@ -22,16 +21,16 @@ from pathlib import Path
 import numpy as np
 
 from replaceme_jax.baselines import methods as mth
-from replaceme_jax.baselines.nll import subset_batches
-from replaceme_jax.baselines.search import CLOSED_FORM, search_scores
+from replaceme_jax.eval.nll import subset_batches
+from replaceme_jax.replaceme.search import CLOSED_FORM, search_scores
 from replaceme_jax.baselines.shortgpt import block_influence
 from replaceme_jax.baselines.sleb import SlebResult, sleb_order
-from replaceme_jax.baselines.statistics_cache import cached_statistics, digest
+from replaceme_jax.experiments.statistics_cache import cached_statistics, digest
+from replaceme_jax.experiments.tables import read_rows, sort_rows, write_outputs
 from replaceme_jax.errors import ReplaceMeError
-from replaceme_jax.io_utils import atomic_write_bytes, atomic_write_json, atomic_write_text
+from replaceme_jax.io_utils import atomic_write_json
 
 SELECTIONS = ("angular", "residual", "search")
-LABELS = {"drop": "UIDL drop", "shortgpt": "ShortGPT", "sleb": "SLEB"}
 
 
 def sweep_config():
@@ -164,17 +163,15 @@ class Evaluator:
     """Held-out perplexity and (optionally) lm-eval accuracies of a model, with the corpus tokenised once."""
 
     def __init__(self, tokenizer, ecfg):
-        from replaceme_jax.data.corpora import heldout_wikipedia_texts
-        from replaceme_jax.eval.perplexity import tokenize_corpus
+        from replaceme_jax.eval.perplexity import HeldOutPerplexity
         self.tokenizer, self.cfg = tokenizer, ecfg
-        self.ids = tokenize_corpus(tokenizer, heldout_wikipedia_texts())
+        self.ppl = HeldOutPerplexity(tokenizer, window=ecfg.window, max_windows=ecfg.ppl_windows or None,
+                                     batch_size=ecfg.ppl_batch_size)
 
     def __call__(self, model) -> dict:
-        from replaceme_jax.eval.perplexity import perplexity
         e = self.cfg
         t0 = time.perf_counter()
-        out = {"heldout_ppl": perplexity(model, self.ids, window=e.window, max_windows=e.ppl_windows or None,
-                                         batch_size=e.ppl_batch_size).to_dict()}
+        out = {"heldout_ppl": self.ppl(model).to_dict()}
         if e.tasks:
             from replaceme_jax.eval.harness import evaluate_models
             from replaceme_jax.eval.report import avg_acc
@@ -369,179 +366,11 @@ def run_sweep(cfg, model=None, tokenizer=None, log=print) -> list[dict]:
     return Sweep(cfg, model, tokenizer, log).run()
 
 
-# -- tables and plots -------------------------------------------------------------------------
 def load_rows(output_dir, cfg=None) -> list[dict]:
     """Finished rows (dense first); with ``cfg``, only the dense row and the rows of its sweep (rows of
     earlier, wider sweeps stay on disk and come back when the lists include them again)."""
-    rows_dir = Path(output_dir) / "rows"
-    rows = [json.loads(p.read_text()) for p in sorted(rows_dir.glob("*.json"))] if rows_dir.exists() else []
+    rows = read_rows(output_dir)
     if cfg is not None:
         wanted = {r.id for r in sweep_rows(cfg)} | {"dense"}
         rows = [r for r in rows if r["id"] in wanted]
-    order = {m: i for i, m in enumerate(("dense", *mth.METHODS))}
-    return sorted(rows, key=lambda r: (r["removed"], order[r["method"]], label(r, rows)))
-
-
-def _varying(rows: list[dict], field: str, methods=("replaceme", "drop")) -> bool:
-    return len({r.get(field) for r in rows if r["method"] in methods}) > 1
-
-
-def label(row: dict, rows: list[dict]) -> str:
-    """Line / table name of a row's method; settings that vary across the sweep are appended."""
-    if row["method"] == "dense":
-        return "dense"
-    name = f"ReplaceMe {row['solver']}" if row["method"] == "replaceme" else LABELS[row["method"]]
-    extra = []
-    if row["method"] in ("replaceme", "drop"):
-        if _varying(rows, "selection"):
-            extra.append(row["selection"])
-        if _varying(rows, "num_transforms"):
-            extra.append(f"{row['num_transforms']} cuts")
-        if row["method"] == "replaceme" and _varying(rows, "alpha", ("replaceme",)):
-            extra.append(f"α={row['alpha']:g}")
-    if len({r.get("calibration_size") for r in rows if r["method"] != "dense"}) > 1:
-        extra.append(f"cal {row['calibration_size']}")
-    return name + (f" ({', '.join(extra)})" if extra else "")
-
-
-def _fmt(x, spec: str) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
-
-
-def table_records(rows: list[dict]) -> list[dict]:
-    dense = next((r for r in rows if r["method"] == "dense"), None)
-    out = []
-    for r in rows:
-        ppl = r["heldout_ppl"]["ppl"]
-        acc = r.get("avg_acc")
-        rec = {"label": label(r, rows), "method": r["method"], "solver": r.get("solver"),
-               "selection": r.get("selection"), "blocks_per_cut": r.get("blocks_per_cut"),
-               "num_transforms": r.get("num_transforms"), "alpha": r.get("alpha"),
-               "calibration_size": r.get("calibration_size"), "removed": r["removed"],
-               "num_blocks": r["num_blocks"], "removed_blocks": " ".join(map(str, r.get("removed_blocks", []))),
-               "heldout_ppl": ppl, "ppl_x_dense": ppl / dense["heldout_ppl"]["ppl"] if dense else None,
-               "avg_acc": acc,
-               "avg_acc_pct_dense": 100 * acc / dense["avg_acc"] if dense and acc is not None and dense.get("avg_acc")
-               else None}
-        for task, metrics in sorted((r.get("tasks") or {}).items()):
-            from replaceme_jax.eval.tasks import TASKS
-            rec[f"{task}_{TASKS[task].metric}"] = metrics[TASKS[task].metric]
-        rec["prune_seconds"], rec["eval_seconds"] = r.get("prune_seconds"), r.get("eval_seconds")
-        out.append(rec)
-    return out
-
-
-def results_csv(rows: list[dict]) -> str:
-    import csv
-    records = table_records(rows)
-    fields = list(dict.fromkeys(k for rec in records for k in rec))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(records)
-    return buf.getvalue()
-
-
-def settings_note(cfg) -> str:
-    p, e = cfg.pipeline, cfg.eval
-    tasks = f"tasks `{e.tasks}`, first {e.limit} items per task" if e.tasks and e.limit else (
-        f"tasks `{e.tasks}` (all items)" if e.tasks else "no lm-eval tasks")
-    windows = f"{e.ppl_windows} windows" if e.ppl_windows else "all windows"
-    return (f"Model `{p.model}`; calibration `{p.calibration.source}` passages x {p.calibration.max_length} tokens; "
-            f"held-out Wikipedia perplexity on {windows} of {e.window} tokens; {tasks}; Avg-acc = mean accuracy "
-            f"of the paper's tasks present (LAMBADA excluded). SLEB scores {cfg.sleb.num_sequences or 'all'} "
-            f"calibration sequences per candidate.")
-
-
-def results_markdown(rows: list[dict], cfg=None) -> str:
-    records = table_records(rows)
-    header = ["Removed", "Method", "Blocks removed", "Held-out ppl", "× dense", "Avg-acc", "% of dense"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for rec in records:
-        lines.append("| " + " | ".join([
-            str(rec["removed"]), rec["label"], rec["removed_blocks"] or "–", _fmt(rec["heldout_ppl"], ".2f"),
-            _fmt(rec["ppl_x_dense"], ".2f"), _fmt(rec["avg_acc"], ".3f"),
-            _fmt(rec["avg_acc_pct_dense"], ".1f")]) + " |")
-    note = f"\n\n{settings_note(cfg)}\n" if cfg is not None else "\n"
-    return "\n".join(lines) + note
-
-
-def selection_markdown(rows: list[dict]) -> str | None:
-    """How far the angular and residual rules land from the search rule's best cut."""
-    search = {_study_key(r): r for r in rows if r.get("selection") == "search"}
-    if not search:
-        return None
-    header = ["Method", "n", "Rule", "Cut", "Best cut (search)", "Held-out ppl", "Best ppl", "Δ ppl",
-              "Avg-acc", "Best Avg-acc", "Δ Avg-acc"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for r in rows:
-        best = search.get(_study_key(r)) if r.get("selection") in ("angular", "residual") else None
-        if best is None:
-            continue
-        acc, best_acc = r.get("avg_acc"), best.get("avg_acc")
-        d_acc = acc - best_acc if acc is not None and best_acc is not None else None
-        lines.append("| " + " | ".join([
-            label({**r, "selection": None}, [r]), str(r["blocks_per_cut"]), r["selection"], _cuts(r), _cuts(best),
-            _fmt(r["heldout_ppl"]["ppl"], ".2f"), _fmt(best["heldout_ppl"]["ppl"], ".2f"),
-            _fmt(r["heldout_ppl"]["ppl"] - best["heldout_ppl"]["ppl"], "+.2f"),
-            _fmt(acc, ".3f"), _fmt(best_acc, ".3f"), _fmt(d_acc, "+.3f")]) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _study_key(r: dict):
-    return (r["method"], r.get("solver"), r.get("blocks_per_cut"), r.get("num_transforms"), r.get("alpha"),
-            r.get("calibration_size"))
-
-
-def _cuts(r: dict) -> str:
-    # First and last removed block, inclusive, as the "Blocks removed" column lists them.
-    return ",".join(f"{s}-{e - 1}" for s, e in r.get("cuts", []))
-
-
-def plot_png(rows: list[dict]) -> bytes | None:
-    """Held-out perplexity and Avg-acc retained vs blocks removed, one line per method."""
-    dense = next((r for r in rows if r["method"] == "dense"), None)
-    pruned = [r for r in rows if r["method"] != "dense"]
-    if dense is None or not pruned:
-        return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    with_acc = dense.get("avg_acc") is not None
-    fig, axes = plt.subplots(1, 2 if with_acc else 1, figsize=(12 if with_acc else 6, 4.5), squeeze=False)
-    lines: dict[str, list[dict]] = {}
-    for r in pruned:
-        lines.setdefault(label(r, rows), []).append(r)
-    for name, members in lines.items():
-        members = sorted(members, key=lambda r: r["removed"])
-        x = [0] + [r["removed"] for r in members]
-        axes[0][0].plot(x, [dense["heldout_ppl"]["ppl"]] + [r["heldout_ppl"]["ppl"] for r in members],
-                        marker="o", label=name)
-        if with_acc:
-            axes[0][1].plot(x, [100.0] + [100 * r["avg_acc"] / dense["avg_acc"] for r in members],
-                            marker="o", label=name)
-    axes[0][0].set_yscale("log")
-    axes[0][0].set_xlabel("blocks removed")
-    axes[0][0].set_ylabel("held-out perplexity (log)")
-    axes[0][0].legend(fontsize=8)
-    if with_acc:
-        axes[0][1].set_xlabel("blocks removed")
-        axes[0][1].set_ylabel("Avg-acc, % of dense")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def write_outputs(output_dir, rows: list[dict], cfg=None) -> None:
-    out = Path(output_dir)
-    atomic_write_text(out / "results.csv", results_csv(rows))
-    atomic_write_text(out / "results.md", results_markdown(rows, cfg))
-    study = selection_markdown(rows)
-    if study is not None:
-        atomic_write_text(out / "selection.md", study)
-    if cfg is None or cfg.plots:
-        png = plot_png(rows)
-        if png is not None:
-            atomic_write_bytes(out / "plots.png", png)
+    return sort_rows(rows)

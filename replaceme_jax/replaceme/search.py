@@ -14,10 +14,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-from replaceme_jax.baselines.linear_patch import orth_diag  # noqa: F401  (registers the solver)
-from replaceme_jax.baselines.nll import mean_nll
+from replaceme_jax.eval.nll import mean_nll
 from replaceme_jax.errors import ReplaceMeError
-from replaceme_jax.replaceme import selection, solvers
+from replaceme_jax.replaceme import solvers
 from replaceme_jax.replaceme.cuts import Cut, candidate_cuts
 from replaceme_jax.replaceme.statistics import Statistics
 from replaceme_jax.replaceme.surgery import apply_cuts
@@ -43,7 +42,7 @@ def search_scores(stats: Statistics, n: int, alpha: float = 0.0, *, model=None, 
         raise ReplaceMeError(
             "the 'search' selection rule prunes and scores the model at every cut, so it needs model= and "
             "validation= (batches of the calibration source's validation part); run it through "
-            "scripts/ablate.py or call replaceme_jax.baselines.search.search_scores directly")
+            "prune.py (selection='search') or call replaceme_jax.replaceme.search.search_scores directly")
     validation = list(validation)
     if not validation:
         raise ReplaceMeError("the search rule got no validation batches; use a larger validation split")
@@ -63,7 +62,3 @@ def search_scores(stats: Statistics, n: int, alpha: float = 0.0, *, model=None, 
         T = None if solve is None else solve(stats.normal_equations(cut), alpha=alpha).T
         scores[cut] = mean_nll(apply_cuts(model, [cut], [T]), validation)
     return scores
-
-
-search_scores.needs_model = True  # the pipeline passes model= and validation= to such rules
-selection.register_selection_rule("search", search_scores)
