@@ -25,6 +25,7 @@ ACCUM_DTYPES = ("auto", "float32", "float64")
 CANDIDATES = ("all", "selected")
 MULTI_CUT = ("auto", "one_pass", "sequential")
 COSINE_INIT = ("lstsq", "identity")
+RIDGE_TARGETS = ("zero", "identity")
 # Transform estimators. Closed form: from the normal equations of the statistics pass. Token: Optax on
 # streamed calibration tokens (the cosine objective of the paper, its accurate form, or plain MSE).
 CLOSED_FORM_SOLVERS = ("lstsq", "diag", "orth_diag")
@@ -34,8 +35,7 @@ _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
 def selection_rules() -> tuple[str, ...]:
-    """The registered selection rules (angular, residual, and the baselines' search)."""
-    import replaceme_jax.baselines  # noqa: F401  (registers "search" and the orth_diag solver)
+    """The registered selection rules (angular, residual, search)."""
     from replaceme_jax.replaceme.selection import SELECTION_RULES
     return tuple(sorted(SELECTION_RULES))
 
@@ -124,6 +124,8 @@ class Settings(_Section):
     accum_dtype: str = "auto"
     solver: str = "lstsq"
     alpha: float = 0.0
+    ridge_target: str = "zero"         # zero | identity (lstsq only): what the ridge shrinks T toward
+    alpha_grid: str = ""               # comma list of relative ridge strengths chosen on validation text
     multi_cut: str = "auto"
     cosine: CosineSettings = CosineSettings()
     seed: int = 0
@@ -137,6 +139,19 @@ class Settings(_Section):
     architecture: str = ""
     distributed: bool = False
     progress: bool = True
+
+    def alpha_values(self) -> tuple[float, ...]:
+        """The parsed ``alpha_grid`` (relative ridge strengths; empty: use ``alpha`` as it is)."""
+        values = []
+        for part in filter(None, (p.strip() for p in self.alpha_grid.split(","))):
+            try:
+                values.append(float(part))
+            except ValueError:
+                raise ReplaceMeError(f"alpha_grid={self.alpha_grid!r}: {part!r} is not a number; give relative "
+                                     "ridge strengths, comma-separated, e.g. 0,1e-4,1e-3,1e-2") from None
+        if any(not v >= 0 for v in values):
+            raise ReplaceMeError(f"alpha_grid={self.alpha_grid!r}: every value must be >= 0")
+        return tuple(values)
 
     @classmethod
     def from_config(cls, config) -> "Settings":
@@ -310,6 +325,15 @@ def _validate(s: Settings) -> None:
     _choice("accum_dtype", s.accum_dtype, ACCUM_DTYPES)
     _choice("solver", s.solver, SOLVERS, "solver")
     _at_least("alpha", s.alpha, 0.0, " (ridge strength)")
+    _choice("ridge_target", s.ridge_target, RIDGE_TARGETS)
+    if s.ridge_target != "zero" and s.solver not in ("lstsq", "cosine", "cosine_accurate", "mse"):
+        raise ReplaceMeError(f"ridge_target={s.ridge_target!r} applies to lstsq (and the cosine solvers' lstsq "
+                             f"init); solver {s.solver!r} shrinks toward zero only. Fix: solver=lstsq")
+    if s.alpha_grid:
+        if s.solver not in CLOSED_FORM_SOLVERS:
+            raise ReplaceMeError(f"alpha_grid chooses a closed-form solver's ridge on validation text; solver "
+                                 f"{s.solver!r} is trained by Optax. Fix: one of {CLOSED_FORM_SOLVERS}, or alpha=")
+        s.alpha_values()
     _choice("multi_cut", s.multi_cut, MULTI_CUT)
     k = s.cosine
     _choice("cosine.init", k.init, COSINE_INIT)

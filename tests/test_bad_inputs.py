@@ -40,6 +40,9 @@ BAD_SETTINGS = [
     ("num_blocks", True, r"'num_blocks' must be an integer"),
     ("num_transforms", 0, r"num_transforms=0 must be at least 1"),
     ("alpha", -1.0, r"alpha=-1.0 must be at least 0.0"),
+    ("ridge_target", "identiy", r"ridge_target='identiy'.*did you mean 'identity'"),
+    ("alpha_grid", "0,1e-3,x", r"alpha_grid='0,1e-3,x': 'x' is not a number"),
+    ("alpha_grid", "0,-1", r"alpha_grid='0,-1': every value must be >= 0"),
     ("alpha", "abc", r"'alpha' must be a number, got 'abc'"),
     ("alpha", float("nan"), r"'alpha' must be a finite number"),
     ("alpha", float("inf"), r"'alpha' must be a finite number"),
@@ -128,7 +131,6 @@ def test_num_samples_none_means_all_and_round_trips():
 
 
 def test_choices_come_from_the_registries_that_implement_them():
-    import replaceme_jax.baselines  # noqa: F401
     from replaceme_jax.models.sharding import RULE_SETS
     from replaceme_jax.replaceme import selection, solvers
     from replaceme_jax import settings as S
@@ -136,6 +138,7 @@ def test_choices_come_from_the_registries_that_implement_them():
     assert set(S.CLOSED_FORM_SOLVERS) | {"cosine"} == set(solvers.SOLVERS)
     assert set(S.selection_rules()) == set(selection.SELECTION_RULES) >= {"angular", "residual", "search"}
     assert set(S.optimizers()) == set(solvers.OPTIMIZERS) and set(S.mesh_rules()) == set(RULE_SETS)
+    assert S.RIDGE_TARGETS == solvers.RIDGE_TARGETS
     for name in ("orth_diag", "search"):  # reported in the README, so accepted by prune.py
         assert Settings().replace(**({"solver": name} if name == "orth_diag" else {"selection": name}))
 

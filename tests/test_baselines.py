@@ -10,21 +10,22 @@ import pytest
 from flax import nnx
 
 from replaceme_jax.baselines import methods as mth
-from replaceme_jax.baselines.linear_patch import orth_diag
-from replaceme_jax.baselines.nll import mean_nll
-from replaceme_jax.baselines.search import search_scores
 from replaceme_jax.baselines.shortgpt import block_influence, shortgpt_blocks
 from replaceme_jax.baselines.sleb import sleb_order
-from replaceme_jax.baselines.statistics_cache import cached_statistics, load_statistics, restrict
-from replaceme_jax.replaceme.surgery import drop_blocks
 from replaceme_jax.data import make_batches
 from replaceme_jax.errors import ReplaceMeError
+from replaceme_jax.eval.nll import mean_nll
+from replaceme_jax.experiments.statistics_cache import cached_statistics, load_statistics, restrict
 from replaceme_jax.models.config import ModelConfig
 from replaceme_jax.models.modeling import CausalLM
 from replaceme_jax.replaceme import selection, solvers
 from replaceme_jax.replaceme.cuts import candidate_cuts
+from replaceme_jax.replaceme.pipeline import prune
+from replaceme_jax.replaceme.search import search_scores
+from replaceme_jax.replaceme.solvers import orth_diag
 from replaceme_jax.replaceme.statistics import StatsRequest, gather_statistics
-from replaceme_jax.replaceme.surgery import apply_cuts
+from replaceme_jax.replaceme.surgery import apply_cuts, drop_blocks
+from replaceme_jax.settings import Settings
 
 L, D, V = 7, 16, 64
 
@@ -259,3 +260,31 @@ def test_baseline_on_smollm2_exports_to_transformers(smollm2_pruned, method, tmp
     err = np.abs(ours - ref).max()
     assert err <= 2e-5 * np.abs(ref).max(), (err, np.abs(ref).max())
     assert (ours.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_prune_chooses_the_ridge_on_validation_sums(tiny):
+    """alpha_grid: one lstsq per grid value on the training sums, the T whose residual on the
+    validation batches' own sums is lowest (gathered independently here), toward 0 or I."""
+    model, batches = tiny
+    train, validation = batches[:2], batches[2:]
+    cut = (2, 4)
+    request = StatsRequest(cuts=(cut,))
+    ne = gather_statistics(model, train, request).normal_equations(cut)
+    val_ne = gather_statistics(model, validation, request).normal_equations(cut)
+    grid = (0.0, 1e-2, 1.0, 100.0)
+    for toward in ("zero", "identity"):
+        settings = Settings().replace(num_blocks=2, ridge_target=toward, alpha_grid="0,1e-2,1,100",
+                                      candidates="selected", progress=False)
+        result = prune(model, train, settings, cuts=[cut], validation=validation)
+        scale = np.trace(ne.mtm) / D
+        by_hand = [solvers.relative_residual(val_ne, solvers.lstsq(ne, alpha=g * scale, toward=toward).T)
+                   for g in grid]
+        info = result.solves[0].info
+        assert info["toward"] == toward and info["alpha_relative"] == grid[int(np.argmin(by_hand))]
+        np.testing.assert_allclose([r for _, r in info["alpha_grid"]], by_hand, rtol=1e-6)
+    with pytest.raises(ReplaceMeError, match="alpha_grid chooses the ridge on validation batches"):
+        prune(model, train, settings, cuts=[cut])
+    with pytest.raises(ReplaceMeError, match="alpha_grid chooses a closed-form solver's ridge"):
+        Settings().replace(solver="cosine", alpha_grid="0,1")
+    with pytest.raises(ReplaceMeError, match="ridge_target='identity' applies to lstsq"):
+        Settings().replace(solver="diag", ridge_target="identity")

@@ -16,56 +16,13 @@ from safetensors import safe_open
 
 from replaceme_jax.checkpoints import hf as hf_io
 from replaceme_jax.checkpoints.hf import load_hf, save_hf
-from replaceme_jax.checkpoints.keymap import abstract_model, param_items
+from replaceme_jax.checkpoints.keymap import param_items
 from replaceme_jax.errors import ReplaceMeError
 from replaceme_jax.models.config import ModelConfig
-from replaceme_jax.models.modeling import CausalLM
-from tiny_models import word_tokenizer
+from tiny_models import (FAMILIES, SMALL, padded_batch, random_model, randomize, saved_reference,
+                         word_tokenizer)
 
-SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
-FAMILIES = {
-    "llama-untied": lambda: transformers.LlamaConfig(**SMALL, rope_theta=50000.0),
-    "llama-bias": lambda: transformers.LlamaConfig(**SMALL, attention_bias=True, mlp_bias=True),
-    "llama3-rope-tied": lambda: transformers.LlamaConfig(**SMALL, rope_scaling=LLAMA3_ROPE,
-                                                         tie_word_embeddings=True),
-    "mistral-window": lambda: transformers.MistralConfig(**SMALL, sliding_window=4),
-    "qwen2-tied": lambda: transformers.Qwen2Config(**SMALL, tie_word_embeddings=True),
-    "qwen3": lambda: transformers.Qwen3Config(**SMALL, head_dim=16, rope_theta=1e6),
-}
 ATOL = 1e-4
-
-
-def _randomize(torch_model, seed=0):
-    """Weights far from init (norm scales around 1, larger matrices) so logits are O(1)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in torch_model.named_parameters():
-            if "norm" in name:
-                p.copy_(0.5 + torch.rand(p.shape, generator=gen))
-            else:
-                p.copy_(0.15 * torch.randn(p.shape, generator=gen))
-
-
-def reference_pair(name, hf_config, tmp_path_factory):
-    """(name, random transformers model, our model loaded from its save_pretrained directory)."""
-    torch.manual_seed(0)
-    ref = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager").eval()
-    _randomize(ref)
-    path = tmp_path_factory.mktemp(name) / "hf"
-    ref.save_pretrained(path)
-    return name, ref, load_hf(path)[0]
-
-
-def _batch(vocab, t=12):
-    """Rows: full, right-padded, left-padded."""
-    ids = np.random.RandomState(0).randint(0, vocab, (3, t))
-    mask = np.ones((3, t), np.int32)
-    mask[1, t - 4:] = 0
-    mask[2, :5] = 0
-    return ids, mask
 
 
 def _torch_logits(torch_model, ids, mask):
@@ -96,12 +53,7 @@ def _assert_bit_identical(a, b):
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request, tmp_path_factory):
     """(name, torch model, its save_pretrained directory)."""
-    torch.manual_seed(0)
-    config = FAMILIES[request.param]()
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
-    _randomize(model)
-    path = tmp_path_factory.mktemp(request.param) / "hf"
-    model.save_pretrained(path)
+    model, path = saved_reference(request.param, FAMILIES[request.param](), tmp_path_factory)
     return request.param, model, path
 
 
@@ -109,7 +61,7 @@ def test_load_hf_matches_transformers(family):
     name, torch_model, path = family
     model, tokenizer = load_hf(path)
     assert tokenizer is None
-    ids, mask = _batch(model.config.vocab_size)
+    ids, mask = padded_batch(model.config.vocab_size)
     ref = _torch_logits(torch_model, ids, mask)
     assert np.abs(ref).max() > 1.0  # a meaningful comparison, not near-zero logits
     assert _max_err(model(ids, mask), ref, mask) <= ATOL, name
@@ -122,7 +74,7 @@ def test_save_hf_loads_in_transformers_and_back(family, tmp_path):
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
     reloaded_torch = transformers.AutoModelForCausalLM.from_pretrained(
         out, attn_implementation="eager").eval()
-    ids, mask = _batch(model.config.vocab_size)
+    ids, mask = padded_batch(model.config.vocab_size)
     ours = model(ids, mask)
     assert _max_err(ours, _torch_logits(reloaded_torch, ids, mask), mask) <= ATOL, name
     reloaded, _ = load_hf(out)
@@ -130,21 +82,10 @@ def test_save_hf_loads_in_transformers_and_back(family, tmp_path):
     assert reloaded.config == model.config
 
 
-def _random_model(config: ModelConfig, seed=0) -> CausalLM:
-    """A CausalLM with O(1)-logit random weights (same recipe as ``_randomize``)."""
-    model = abstract_model(config)  # shapes only: skip JAX's (slow, eager) random init
-    rng = np.random.RandomState(seed)
-    for path, var in param_items(model):
-        shape, dtype = var.shape, var.dtype
-        value = (0.5 + rng.rand(*shape)) if "norm" in str(path) else 0.15 * rng.randn(*shape)
-        var.set_value(jax.numpy.asarray(value, dtype))
-    return model
-
-
 @pytest.fixture()
 def small_model():
     hf = json.loads(transformers.LlamaConfig(**SMALL).to_json_string())  # what save_pretrained writes
-    return _random_model(ModelConfig.from_hf_config(hf))
+    return random_model(ModelConfig.from_hf_config(hf))
 
 
 def test_sharded_export_round_trip(small_model, tmp_path):
@@ -157,7 +98,7 @@ def test_sharded_export_round_trip(small_model, tmp_path):
     assert index["metadata"]["total_size"] == sum(v.nbytes for v in _params(model).values())
     _assert_bit_identical(model, load_hf(out)[0])
     reloaded_torch = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
-    ids, mask = _batch(model.config.vocab_size)
+    ids, mask = padded_batch(model.config.vocab_size)
     assert _max_err(model(ids, mask), _torch_logits(reloaded_torch.eval(), ids, mask), mask) <= ATOL
 
 
@@ -165,7 +106,7 @@ def test_sharded_export_round_trip(small_model, tmp_path):
 def test_fewer_layers_export_is_accepted_by_transformers(family_name, tmp_path):
     hf_config = json.loads(FAMILIES[family_name]().to_json_string())  # what save_pretrained writes
     pruned = ModelConfig.from_hf_config(hf_config).without_layers([1])
-    model = _random_model(pruned, seed=3)
+    model = random_model(pruned, seed=3)
     out = save_hf(model, tmp_path / "pruned")
     reloaded_torch = transformers.AutoModelForCausalLM.from_pretrained(
         out, attn_implementation="eager").eval()
@@ -173,14 +114,14 @@ def test_fewer_layers_export_is_accepted_by_transformers(family_name, tmp_path):
     layer_types = getattr(reloaded_torch.config, "layer_types", None)
     if "layer_types" in hf_config:
         assert layer_types is not None and len(layer_types) == 2
-    ids, mask = _batch(pruned.vocab_size)
+    ids, mask = padded_batch(pruned.vocab_size)
     assert _max_err(model(ids, mask), _torch_logits(reloaded_torch, ids, mask), mask) <= ATOL
 
 
 def test_bfloat16_round_trip(tmp_path):
     config = transformers.Qwen3Config(**SMALL, head_dim=16)
     torch_model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    _randomize(torch_model, seed=2)
+    randomize(torch_model, seed=2)
     torch_model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     with safe_open(tmp_path / "bf16" / "model.safetensors", framework="numpy") as f:
         assert f.get_slice("model.norm.weight").get_dtype() == "BF16"
@@ -204,7 +145,7 @@ def test_bfloat16_round_trip(tmp_path):
     # transformers reads our bf16 file; computed in float32 on both sides, logits agree.
     reloaded_torch = transformers.AutoModelForCausalLM.from_pretrained(
         out, attn_implementation="eager", dtype=torch.float32).eval()
-    ids, mask = _batch(config.vocab_size)
+    ids, mask = padded_batch(config.vocab_size)
     assert _max_err(bf16(ids, mask), _torch_logits(reloaded_torch, ids, mask), mask) <= ATOL
 
 

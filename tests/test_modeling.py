@@ -1,6 +1,6 @@
 """Module-by-module parity with Hugging Face transformers' PyTorch modules, in float32.
 
-For each family (the random configs of tests/test_checkpoints_hf.py, plus a Qwen2 config whose
+For each family (the random configs of tests/tiny_models.py, plus a Qwen2 config whose
 layers mix sliding-window and full attention) a random transformers model is saved with
 ``save_pretrained`` and loaded with our ``load_hf``; then the same float32 inputs go through each
 pair of corresponding submodules: token embedding, every RMSNorm (q/k norms included), RoPE tables,
@@ -22,7 +22,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from replaceme_jax.checkpoints.hf import load_hf  # noqa: E402
 from replaceme_jax.errors import ReplaceMeError  # noqa: E402
 from replaceme_jax.models.modeling import attention_bias, layer_windows  # noqa: E402
-from test_checkpoints_hf import FAMILIES, SMALL, _batch, _randomize, reference_pair  # noqa: E402
+from tiny_models import FAMILIES, SMALL, padded_batch, randomize, reference_pair  # noqa: E402
 
 # Largest |ours - transformers| allowed for any module output, float32 on both sides. Observed
 # maxima (O(1) activations, logits up to ~5): RoPE 6e-8, MLP 2.4e-7, attention 4.8e-7, RMSNorm
@@ -31,6 +31,8 @@ from test_checkpoints_hf import FAMILIES, SMALL, _batch, _randomize, reference_p
 # mask or window gives >= 1e-2, and even an RMSNorm eps of 1e-2 instead of 1e-6 gives 1.8e-2.
 ATOL = 1e-5
 
+# FAMILIES plus one config only the module tests need (kept out of FAMILIES, which the checkpoint
+# and generation tests also run: its per-layer masks are a module-level property).
 MODEL_FAMILIES = {
     **FAMILIES,
     # Qwen2 with sliding windows on layers >= max_window_layers: per-layer masks differ.
@@ -58,7 +60,7 @@ def family(request, tmp_path_factory):
 @pytest.fixture(params=["causal", "padded"])
 def batch(request, family):
     """(ids [3, T], 0/1 mask [3, T], positions [3, T]): no padding, or rows full / right / left padded."""
-    ids, mask = _batch(family[2].config.vocab_size, SEQ)
+    ids, mask = padded_batch(family[2].config.vocab_size, SEQ)
     if request.param == "causal":
         mask = np.ones_like(mask)
     positions = np.clip(np.cumsum(mask, -1) - 1, 0, None)
@@ -127,7 +129,7 @@ def _inputs(family, batch):
 # ----------------------------------------------------------------------------- single modules
 def test_embedding_matches_transformers(family):
     name, ref, model = family
-    ids, _ = _batch(model.config.vocab_size, SEQ)
+    ids, _ = padded_batch(model.config.vocab_size, SEQ)
     with torch.no_grad():
         expected = ref.model.embed_tokens(_t(ids))
     _check("embed_tokens", name, model.embed(jnp.asarray(ids)), expected)
@@ -280,10 +282,10 @@ def test_qwen3_attention_bias_loads(tmp_path):
         transformers.Qwen3Config(**SMALL, head_dim=16, attention_bias=True),
         attn_implementation="eager").eval()
     assert ref.model.layers[0].self_attn.o_proj.bias is not None
-    _randomize(ref)
+    randomize(ref)
     ref.save_pretrained(tmp_path / "hf")
     model = load_hf(tmp_path / "hf")[0]
-    ids, mask = _batch(SMALL["vocab_size"], SEQ)
+    ids, mask = padded_batch(SMALL["vocab_size"], SEQ)
     positions = np.clip(np.cumsum(mask, -1) - 1, 0, None)
     x, (cos, sin, biases), (xt, rope, hf_masks) = _inputs(("qwen3-bias", ref, model), (ids, mask, positions))
     with torch.no_grad():

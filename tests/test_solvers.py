@@ -10,7 +10,8 @@ import pytest
 
 from replaceme_jax.errors import ReplaceMeError
 from replaceme_jax.replaceme.solvers import (
-    SOLVERS, NormalEquations, SolveResult, cosine, diag, evaluate_loss, get_solver, lstsq, relative_residual)
+    SOLVERS, NormalEquations, SolveResult, choose_alpha, cosine, diag, evaluate_loss, get_solver, lstsq,
+    orth_diag, relative_residual)
 from replaceme_jax.replaceme.token_buffer import TokenBuffer
 
 D = 48          # one width for the closed-form tests, so the jitted solve compiles once
@@ -103,6 +104,42 @@ def test_ridge_matches_float64_normal_equations(rng):
         assert rel(result.T, expected) <= 1e-8
 
 
+def test_ridge_toward_identity_matches_float64_and_shrinks_to_plain_drop(rng):
+    m = rotated(rng, 1e4)
+    r = with_noise(rng, m @ rng.standard_normal((D, D)), 0.1)
+    ne = NormalEquations.from_arrays(m, r)
+    for alpha in (1e-6, 1e-2, 10.0):
+        # argmin ||m T - r||² + α ||T - I||²  <=>  (mᵀm + αI) T = mᵀr + αI
+        expected = np.linalg.solve(m.T @ m + alpha * np.eye(D), m.T @ r + alpha * np.eye(D))
+        for precision, tol in (("float64", 1e-8), ("float32", 2e-2)):
+            result = lstsq(ne, alpha=alpha, toward="identity", precision=precision)
+            assert result.info["toward"] == "identity" and rel(result.T, expected) <= tol, (alpha, precision)
+    huge = 1e6 * np.trace(m.T @ m) / D
+    assert rel(lstsq(ne, alpha=huge, toward="identity").T, np.eye(D)) < 1e-4   # -> T = I: plain drop
+    assert np.linalg.norm(lstsq(ne, alpha=huge).T) < 1e-4 * np.sqrt(D)          # -> T = 0
+    with pytest.raises(ReplaceMeError, match="unknown ridge target 'one'"):
+        lstsq(ne, alpha=1.0, toward="one")
+
+
+def test_choose_alpha_picks_the_lowest_validation_residual(rng):
+    d = D
+    t_star = rng.standard_normal((d, d))
+    m_train, m_val = well_conditioned(rng, 3 * d), well_conditioned(rng, N)  # few tokens: ridge helps
+    train = NormalEquations.from_arrays(m_train, with_noise(rng, m_train @ t_star, 2.0))
+    val = NormalEquations.from_arrays(m_val, with_noise(rng, m_val @ t_star, 2.0))
+    grid = [0.0, 1e-3, 1e-2, 1e-1, 1.0, 10.0]
+    scale = np.trace(m_train.T @ m_train) / d
+    by_hand = [float(relative_residual(val, lstsq(train, alpha=g * scale).T)) for g in grid]
+    chosen = choose_alpha(lstsq, train, val, grid)
+    best = int(np.argmin(by_hand))
+    assert chosen.info["alpha_relative"] == grid[best] and chosen.info["alpha"] == pytest.approx(grid[best] * scale)
+    assert [g for g, _ in chosen.info["alpha_grid"]] == grid
+    np.testing.assert_allclose([v for _, v in chosen.info["alpha_grid"]], by_hand, rtol=1e-9)
+    assert grid[best] > 0  # noisy targets and few tokens: some shrinkage beats none on held-apart data
+    with pytest.raises(ReplaceMeError, match="alpha grid must hold values >= 0"):
+        choose_alpha(lstsq, train, val, [-1.0])
+
+
 def test_diag_matches_per_feature_least_squares(rng):
     m = well_conditioned(rng)
     r = with_noise(rng, m * rng.uniform(0.5, 2.0, D), 0.3)
@@ -174,9 +211,10 @@ def test_bad_statistics_raise_clear_errors(rng):
 
 def test_registry_and_unknown_solver():
     assert get_solver("lstsq") is lstsq and get_solver("diag") is diag and get_solver("cosine") is cosine
-    # Other modules may register more (replaceme_jax.baselines adds orth_diag); the core three are always there.
-    assert {"lstsq", "diag", "cosine"} <= set(SOLVERS)
-    with pytest.raises(ReplaceMeError, match="known solvers: lstsq, diag, cosine"):
+    assert get_solver("orth_diag") is orth_diag
+    # One explicit registry: no import adds or removes a solver.
+    assert set(SOLVERS) == {"lstsq", "diag", "orth_diag", "cosine"}
+    with pytest.raises(ReplaceMeError, match="known solvers: lstsq, diag, orth_diag, cosine"):
         get_solver("qr")
 
 

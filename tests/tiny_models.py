@@ -1,10 +1,50 @@
-"""Small random-weight Llama models (norm weights near 1, small kernels) and a word-level tokenizer."""
+"""Tiny random-weight models and a word-level tokenizer, shared by the tests.
+
+Two kinds of builder:
+
+* ours only: ``random_model`` (any ``ModelConfig``) and ``random_tiny_llama`` (a 2-block Llama);
+* a transformers reference and ours from its ``save_pretrained`` directory: ``FAMILIES`` (one
+  small transformers config per supported family), ``randomize``, ``saved_reference`` and ``reference_pair``, with
+  ``padded_batch`` (rows full, right- and left-padded) for comparing logits.
+
+Both use one recipe (norm scales in [0.5, 1.5), other weights ``scale`` x N(0, 1)) so logits are
+O(1), far from init. torch is imported only by the transformers builders, so test files that use
+our models alone do not need it.
+"""
 import jax
 import numpy as np
 import transformers
 
 from replaceme_jax.checkpoints.keymap import abstract_model, param_items
 from replaceme_jax.models.config import ModelConfig
+
+# One small size for every family of FAMILIES (3 blocks, GQA 4:2, width 32).
+SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+# transformers configs of every supported family and the features that set them apart.
+FAMILIES = {
+    "llama-untied": lambda: transformers.LlamaConfig(**SMALL, rope_theta=50000.0),
+    "llama-bias": lambda: transformers.LlamaConfig(**SMALL, attention_bias=True, mlp_bias=True),
+    "llama3-rope-tied": lambda: transformers.LlamaConfig(**SMALL, rope_scaling=LLAMA3_ROPE,
+                                                         tie_word_embeddings=True),
+    "mistral-window": lambda: transformers.MistralConfig(**SMALL, sliding_window=4),
+    "qwen2-tied": lambda: transformers.Qwen2Config(**SMALL, tie_word_embeddings=True),
+    "qwen3": lambda: transformers.Qwen3Config(**SMALL, head_dim=16, rope_theta=1e6),
+}
+
+
+def random_model(config: ModelConfig, seed: int = 0, scale: float = 0.15):
+    """A CausalLM of ``config`` with deterministic O(1)-logit random weights (shapes only first:
+    JAX's eager random init is slow)."""
+    model = abstract_model(config)
+    rng = np.random.RandomState(seed)
+    for path, var in param_items(model):
+        shape = var.shape
+        value = (0.5 + rng.rand(*shape)) if "norm" in str(path) else scale * rng.randn(*shape)
+        var.set_value(jax.numpy.asarray(value, var.dtype))
+    return model
 
 
 def random_tiny_llama(vocab_size: int, seed: int = 0, **overrides):
@@ -13,13 +53,49 @@ def random_tiny_llama(vocab_size: int, seed: int = 0, **overrides):
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                   rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=2048,
                   tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-    model = abstract_model(ModelConfig(**{**fields, **overrides}))
-    rng = np.random.RandomState(seed)
-    for path, var in param_items(model):
-        shape = var.value.shape
-        value = (0.5 + rng.rand(*shape)) if "norm" in str(path) else 0.15 * rng.randn(*shape)
-        var.value = jax.numpy.asarray(value, np.float32)
-    return model
+    return random_model(ModelConfig(**{**fields, **overrides}), seed)
+
+
+def randomize(torch_model, seed: int = 0):
+    """The same recipe on a transformers model, in place: weights far from init so logits are O(1)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in torch_model.named_parameters():
+            if "norm" in name:
+                p.copy_(0.5 + torch.rand(p.shape, generator=gen))
+            else:
+                p.copy_(0.15 * torch.randn(p.shape, generator=gen))
+
+
+def saved_reference(name, hf_config, tmp_path_factory):
+    """(random transformers model of ``hf_config``, its save_pretrained directory)."""
+    import torch
+
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager").eval()
+    randomize(ref)
+    path = tmp_path_factory.mktemp(name) / "hf"
+    ref.save_pretrained(path)
+    return ref, path
+
+
+def reference_pair(name, hf_config, tmp_path_factory):
+    """(name, random transformers model, our model loaded from its save_pretrained directory)."""
+    from replaceme_jax.checkpoints.hf import load_hf
+
+    ref, path = saved_reference(name, hf_config, tmp_path_factory)
+    return name, ref, load_hf(path)[0]
+
+
+def padded_batch(vocab, t=12):
+    """(ids, 0/1 mask) [3, t]; rows: full, right-padded, left-padded."""
+    ids = np.random.RandomState(0).randint(0, vocab, (3, t))
+    mask = np.ones((3, t), np.int32)
+    mask[1, t - 4:] = 0
+    mask[2, :5] = 0
+    return ids, mask
 
 
 def word_tokenizer(num_words: int = 30) -> transformers.PreTrainedTokenizerFast:

@@ -42,6 +42,9 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.solver = "lstsq"              # lstsq | diag | orth_diag | cosine | cosine_accurate | mse
     c.alpha = 0.0                   # ridge for lstsq/diag (and the cosine init)
+    c.ridge_target = "zero"         # zero | identity: lstsq shrinks T toward 0 or toward I (= plain drop)
+    c.alpha_grid = ""               # e.g. "0,1e-4,1e-3,1e-2": relative ridge (x tr(MᵀM)/d) chosen by the
+                                    # validation residual on calibration.validation_samples passages
     c.multi_cut = "auto"            # one_pass | sequential | auto (lstsq: one_pass, cosine: sequential)
     c.cosine = ml_collections.ConfigDict()
     c.cosine.init = "lstsq"         # lstsq | identity

@@ -12,7 +12,7 @@ import dataclasses
 import sys
 import time
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -21,7 +21,7 @@ from replaceme_jax.memory import run_memory_report
 from replaceme_jax.models.modeling import CausalLM
 from replaceme_jax.models.sharding import plan_from_config
 from replaceme_jax.replaceme import selection as sel
-from replaceme_jax.replaceme.cuts import Cut, candidate_cuts, parse_cuts
+from replaceme_jax.replaceme.cuts import Cut, candidate_cuts, parse_cuts, validate_cuts
 from replaceme_jax.replaceme.statistics import (Statistics, StatsRequest, gather_statistics, gather_tokens,
                                                 statistics_request)
 from replaceme_jax.replaceme.surgery import apply_cuts
@@ -80,17 +80,30 @@ def calibration_batches(tokenizer, cal, *, part: str = "calibration", num_sample
                         pack=pack)
 
 
-def solve_cut(model, batches, cut: Cut, ne, cfg):
-    """T for one cut: closed form from the normal equations, or Optax on streamed tokens."""
+def solve_cut(model, batches, cut: Cut, ne, cfg, *, validation_ne=None):
+    """T for one cut: closed form from the normal equations, or Optax on streamed tokens.
+
+    ``validation_ne``: the cut's sums on validation text, from which ``cfg.alpha_grid`` picks the ridge."""
+    import functools
+
     from replaceme_jax.replaceme import solvers
     cfg = Settings.from_config(cfg)
     name = cfg.solver
     if name in CLOSED_FORM_SOLVERS:
-        return solvers.get_solver(name)(ne, alpha=cfg.alpha)
+        solve = solvers.get_solver(name)
+        if name == "lstsq":
+            solve = functools.partial(solve, toward=cfg.ridge_target)
+        if cfg.alpha_grid:
+            if validation_ne is None:
+                raise ReplaceMeError("alpha_grid needs the cut's normal equations on validation text "
+                                     "(prune(..., validation=batches); pipeline.run builds them)")
+            return solvers.choose_alpha(solve, ne, validation_ne, cfg.alpha_values())
+        return solve(ne, alpha=cfg.alpha)
     from replaceme_jax.replaceme.token_buffer import TokenBuffer
     d = model.config.hidden_size
     c = cfg.cosine
-    init = solvers.lstsq(ne, alpha=cfg.alpha).T if c.init == "lstsq" else np.eye(d, dtype=np.float32)
+    init = (solvers.lstsq(ne, alpha=cfg.alpha, toward=cfg.ridge_target).T if c.init == "lstsq"
+            else np.eye(d, dtype=np.float32))
     capacity = TokenBuffer.budget_from_bytes(int(c.token_budget_mb * 2**20), d)
     with TokenBuffer(capacity, d, seed=cfg.seed, path=c.buffer_dir or None) as buffer:
         gather_tokens(model, batches, cut, buffer, include_pad=cfg.calibration.include_pad,
@@ -100,13 +113,16 @@ def solve_cut(model, batches, cut: Cut, ne, cfg):
                               seed=cfg.seed)
 
 
-def prune(model: CausalLM, batches, cfg, *, stats: Statistics | None = None, validation=None,
-          timer: Timer | None = None) -> PruneResult:
+def prune(model: CausalLM, batches, cfg, *, stats: Statistics | None = None,
+          cuts: Sequence[Cut] | None = None, validation=None, timer: Timer | None = None) -> PruneResult:
     """Select cuts, estimate a transform per cut, and fold them in. No files are touched.
 
-    ``cfg``: ``Settings`` (or a config, validated here). ``stats``: a pass already gathered on this
-    model and these batches (e.g. cached by an ablation sweep); it is used instead of a new pass.
-    ``validation``: batches of the calibration source's validation part, for the ``search`` rule.
+    The one ReplaceMe driver: the main job, the baselines' ``replaceme``, the ablation sweep, the
+    quality study and the benchmarks all call it. ``cfg``: ``Settings`` (or a config, validated
+    here). ``stats``: a pass already gathered on this model and these batches (e.g. cached by an
+    ablation sweep); it is used instead of a new pass. ``cuts``: cuts chosen already (e.g. from
+    cached selection scores); selection is then skipped and ``cfg.cuts`` ignored. ``validation``:
+    batches of the calibration source's validation part, for the ``search`` rule.
     """
     from replaceme_jax.replaceme import solvers
     cfg = Settings.from_config(cfg)
@@ -117,37 +133,50 @@ def prune(model: CausalLM, batches, cfg, *, stats: Statistics | None = None, val
         model = plan.shard_model(model)
     depth, n = model.config.num_hidden_layers, cfg.num_blocks
     check_against_model(cfg, depth)
-    user_cuts = parse_cuts(cfg.cuts, depth) if cfg.cuts else None
-    rule = sel.get_rule(cfg.selection) if user_cuts is None else None  # fail before the pass
-    if rule is not None and getattr(rule, "needs_model", False) and validation is None:
+    chosen = list(validate_cuts(cuts, depth)) if cuts is not None else None
+    user_cuts = parse_cuts(cfg.cuts, depth) if cfg.cuts and chosen is None else None
+    rule = sel.get_rule(cfg.selection) if user_cuts is None and chosen is None else None  # fail before the pass
+    if rule is not None and cfg.selection in sel.MODEL_RULES and validation is None:
         raise ReplaceMeError(f"selection={cfg.selection!r} scores pruned models on validation batches; pass "
                              "validation= (pipeline.run builds them from the calibration source)")
+    if cfg.alpha_grid and validation is None:
+        raise ReplaceMeError("alpha_grid chooses the ridge on validation batches; pass validation= "
+                             "(pipeline.run builds them from the calibration source)")
     scores: dict[str, dict[Cut, float]] = {}
-    if stats is None and (user_cuts is None or cfg.candidates == "all"):
+    if chosen is not None:
+        cuts = chosen
+    elif stats is None and (user_cuts is None or cfg.candidates == "all"):
         request = statistics_request(cfg, depth)
         with timer("statistics", f"statistics pass over {len(batches)} batches ({len(request.cuts)} candidate cuts)"):
             stats = gather_statistics(model, batches, request, progress=cfg.progress, plan=plan)
-    if stats is not None:
+    if stats is not None and chosen is None:
         with timer("selection", f"scoring cuts of {n} blocks ({cfg.selection if user_cuts is None else 'user cuts'})"):
             scores["angular"] = sel.angular_scores(stats, n)
             if all(c in stats.request.cuts for c in candidate_cuts(depth, n)):
                 scores["residual"] = sel.residual_scores(stats, n, alpha=cfg.alpha)
             if user_cuts is None and cfg.selection not in scores:
                 extra = {}
-                if getattr(rule, "needs_model", False):
+                if cfg.selection in sel.MODEL_RULES:
                     extra = dict(model=model, validation=validation, progress=cfg.progress,
                                  solver=cfg.solver if cfg.solver in CLOSED_FORM_SOLVERS else "lstsq")
                 scores[cfg.selection] = rule(stats, n, alpha=cfg.alpha, **extra)
-    with timer("selection"):
-        cuts = user_cuts or sel.choose_cuts(scores[cfg.selection], cfg.num_transforms, cfg.merge_consecutive)
+    if chosen is None:
+        with timer("selection"):
+            cuts = user_cuts or sel.choose_cuts(scores[cfg.selection], cfg.num_transforms, cfg.merge_consecutive)
 
     transforms, solves, residuals = [], [], []
 
     def solve(on_model, cut, st):
         ne = st.normal_equations(cut)
+        val_ne = None
+        if cfg.alpha_grid:  # the cut's sums on the validation text, for choosing the ridge
+            with timer("statistics", f"validation statistics for cut [{cut[0]}, {cut[1]})"):
+                val_ne = gather_statistics(on_model, validation, StatsRequest(
+                    cuts=(cut,), include_pad=cfg.calibration.include_pad, accum_dtype=cfg.accum_dtype),
+                    plan=plan).normal_equations(cut)
         with timer("solve", f"solving T for cut [{cut[0]}, {cut[1]}) ({cfg.solver})"):
             try:
-                result = solve_cut(on_model, batches, cut, ne, cfg)
+                result = solve_cut(on_model, batches, cut, ne, cfg, validation_ne=val_ne)
             except ReplaceMeError as e:
                 raise ReplaceMeError(f"cut [{cut[0]}, {cut[1]}) ({cfg.solver}): {e}") from None
         transforms.append(np.asarray(result.T))
@@ -185,9 +214,11 @@ def estimated_output_bytes(cfg: Settings) -> int | None:
     alone; None when it cannot be known before loading, e.g. for an Orbax input)."""
     import jax.numpy as jnp
 
-    from replaceme_jax.memory import model_config_of, parameter_count
+    from replaceme_jax.checkpoints import load_config
+    from replaceme_jax.models.modeling import parameter_count
     try:
-        config = model_config_of(cfg)
+        config = load_config(cfg.model, architecture=cfg.architecture or None,
+                             param_dtype=cfg.param_dtype, dtype=cfg.dtype)
     except ReplaceMeError:
         return None
     total, per_block = parameter_count(config)
@@ -225,7 +256,7 @@ def run(cfg) -> tuple[PruneResult, dict]:
     with timer("calibration_data", f"calibration data ({cfg.calibration.source})"):
         batches = calibration_batches(tokenizer, cfg)
         validation = None
-        if cfg.selection == "search" and not cfg.cuts:
+        if (cfg.selection == "search" and not cfg.cuts) or cfg.alpha_grid:
             validation = calibration_batches(tokenizer, cfg, part="validation",
                                              num_samples=cfg.calibration.validation_samples)
     result = prune(model, batches, cfg, validation=validation, timer=timer)

@@ -5,7 +5,7 @@ For a cut [s, e) with anchor block a = s-1, every calibration token gives
   l: the output of block e-1,                               r = l - y (the target).
 The pruned model computes y + m T where the full model computed l, so T should map m to r.
 
-Closed-form solvers (``lstsq``, ``diag``) need only the sums in ``NormalEquations``; the gradient
+Closed-form solvers (``lstsq``, ``diag``, ``orth_diag``) need only the sums in ``NormalEquations``; the gradient
 solver (``cosine``) trains T on token rows drawn from a ``TokenBuffer``. All return a ``SolveResult``.
 """
 from __future__ import annotations
@@ -127,6 +127,9 @@ def _scale(x) -> float:
     return float(x.max()) if x.size else float("nan")
 
 
+RIDGE_TARGETS = ("zero", "identity")
+
+
 def _check_alpha(alpha) -> float:
     alpha = float(alpha)
     if not alpha >= 0.0:
@@ -169,8 +172,13 @@ def _solve_gram(gram, cross, alpha):
     return jnp.where(alive[:, None], x * scale[:, None], 0.0), use_cholesky, rank
 
 
-def lstsq(ne: NormalEquations, alpha: float = 0.0, *, precision: str = "float64") -> SolveResult:
+def lstsq(ne: NormalEquations, alpha: float = 0.0, *, toward: str = "zero", precision: str = "float64"
+          ) -> SolveResult:
     """Ridge least squares T = (MᵀM + αI)⁻¹ MᵀR from the sums (α is absolute, on the summed Gram).
+
+    ``toward="identity"`` shrinks T toward I instead of 0: min ||M T - R||² + α ||T - I||², so
+    T = (MᵀM + αI)⁻¹ (MᵀR + αI). T = I is plain dropping (the anchor block's output passes on
+    unchanged), so a large α falls back to the drop baseline rather than to a dead anchor MLP.
 
     ``precision="float64"`` (default) solves in float64 inside a scoped ``jax.enable_x64`` (the
     rest of the program stays float32): least squares through the normal equations squares the
@@ -182,14 +190,20 @@ def lstsq(ne: NormalEquations, alpha: float = 0.0, *, precision: str = "float64"
     start = time.perf_counter()
     d = _check_statistics(ne)
     alpha = _check_alpha(alpha)
+    if toward not in RIDGE_TARGETS:
+        raise ReplaceMeError(f"unknown ridge target {toward!r}; use one of {RIDGE_TARGETS}")
     if precision == "float64":
         mtm, mtr, _ = _host_statistics(ne)
+        if toward == "identity":
+            mtr = mtr + alpha * np.eye(d)
         with jax.enable_x64(True):
             x, used_cholesky, rank = _solve_gram(jnp.asarray(mtm), jnp.asarray(mtr), jnp.float64(alpha))
             # Leave x64 mode with host values only, so no float64 device array escapes.
             T, used_cholesky, rank = np.asarray(x), bool(used_cholesky), int(rank)
     elif precision == "float32":
         mtm, mtr = jnp.asarray(ne.mtm, jnp.float32), jnp.asarray(ne.mtr, jnp.float32)
+        if toward == "identity":
+            mtr = mtr + jnp.float32(alpha) * jnp.eye(d, dtype=jnp.float32)
         if not bool(jnp.isfinite(mtm).all() & jnp.isfinite(mtr).all()):
             raise ReplaceMeError("NormalEquations hold NaN/inf: the activations overflowed; "
                                  "accumulate the statistics in float32 or float64, not float16/bfloat16")
@@ -205,7 +219,7 @@ def lstsq(ne: NormalEquations, alpha: float = 0.0, *, precision: str = "float64"
             "pseudo-inverse solution. A small ridge alpha gives a unique solution.",
             alpha, precision, rank, d)
     info = {"solver": "lstsq", "method": "cholesky" if used_cholesky else "eigh_pinv", "rank": rank,
-            "alpha": alpha, "precision": precision, "tokens": int(ne.count), "loss": "relative_residual",
+            "alpha": alpha, "toward": toward, "precision": precision, "tokens": int(ne.count), "loss": "relative_residual",
             "seconds": time.perf_counter() - start}
     return SolveResult(T=T, loss_history=(), final_loss=relative_residual(ne, T), info=info)
 
@@ -234,6 +248,32 @@ def diag(ne: NormalEquations, alpha: float = 0.0) -> SolveResult:
         "float32, or add a ridge alpha."))
     info = {"solver": "diag", "alpha": alpha, "dead_features": int(dead.sum()), "tokens": int(ne.count),
             "loss": "relative_residual", "seconds": time.perf_counter() - start}
+    return SolveResult(T=T, loss_history=(), final_loss=relative_residual(ne, T), info=info)
+
+
+# ----------------------------------------------------------------------------- orth_diag
+# LinearPatch-style T = Q diag(s), Q orthogonal: d(d-1)/2 + d degrees of freedom instead of lstsq's
+# d², so it cannot absorb calibration noise the way a full matrix can; it sits between ``diag``
+# (scale only) and ``lstsq`` (any matrix). Both factors come in closed form from the same sums:
+# Q solves the orthogonal Procrustes problem min_Q ||M Q - R|| (||M Q|| does not depend on an
+# orthogonal Q, so Q maximises tr(Qᵀ MᵀR): Q = U Vᵀ from the SVD MᵀR = U Σ Vᵀ); s is then the
+# per-channel least squares fit of R by P = M Q: s_j = (Qᵀ MᵀR)_jj / ((Qᵀ MᵀM Q)_jj + α).
+
+def orth_diag(ne: NormalEquations, alpha: float = 0.0) -> SolveResult:
+    """T = Q diag(s): Procrustes rotation of the cross term, then a ridge per-channel scale (float64)."""
+    start = time.perf_counter()
+    alpha = _check_alpha(alpha)
+    mtm, mtr, _ = _host_statistics(ne)
+    u, sigma, vt = np.linalg.svd(mtr)
+    q = u @ vt
+    numerator = np.sum(q * mtr, axis=0)                  # diag(Qᵀ MᵀR)
+    denominator = np.sum(q * (mtm @ q), axis=0) + alpha  # diag(Qᵀ MᵀM Q) + α
+    dead = denominator <= 0
+    s = np.where(dead, 0.0, numerator / np.where(dead, 1.0, denominator))
+    T = q * s[None, :]
+    info = {"solver": "orth_diag", "alpha": alpha, "tokens": int(ne.count), "loss": "relative_residual",
+            "procrustes_fit": float(sigma.sum()), "scale_range": [float(s.min()), float(s.max())],
+            "seconds": time.perf_counter() - start}
     return SolveResult(T=T, loss_history=(), final_loss=relative_residual(ne, T), info=info)
 
 
@@ -431,11 +471,36 @@ def cosine(source: TokenBuffer, *, d: int | None = None, init="identity", loss: 
     return SolveResult(T=T, loss_history=tuple(history), final_loss=final_loss, info=info)
 
 
-SOLVERS: dict[str, Callable[..., SolveResult]] = {"lstsq": lstsq, "diag": diag, "cosine": cosine}
+def choose_alpha(solve: Callable[..., SolveResult], ne: NormalEquations, validation: NormalEquations,
+                 grid) -> SolveResult:
+    """The solve over a grid of ridge strengths whose T has the lowest relative residual on the
+    ``validation`` sums (the same cut, gathered on held-apart calibration text).
+
+    Each grid value is relative: α = value x tr(MᵀM)/d, the mean squared feature norm of the
+    training sums, so one grid fits any model and token count. ``solve(ne, alpha=...)``."""
+    d = _check_statistics(ne)
+    grid = [float(g) for g in grid]
+    if not grid or min(grid) < 0:
+        raise ReplaceMeError(f"the alpha grid must hold values >= 0, got {grid}")
+    scale = float(np.trace(np.asarray(ne.mtm, np.float64))) / d
+    tried = []
+    for g in grid:
+        result = solve(ne, alpha=g * scale)
+        tried.append((relative_residual(validation, result.T), g, result))
+    best_residual, best_g, best = min(tried, key=lambda t: (t[0], t[1]))
+    info = dict(best.info, alpha_relative=best_g, validation_residual=best_residual,
+                alpha_grid=[[g, r] for r, g, _ in tried], validation_tokens=int(validation.count))
+    return dataclasses.replace(best, info=info)
+
+
+# Every estimator of T, by the name ``settings.solver`` uses (cosine_accurate and mse are cosine's
+# other losses). The closed-form ones take (NormalEquations, alpha); cosine takes a TokenBuffer.
+SOLVERS: dict[str, Callable[..., SolveResult]] = {"lstsq": lstsq, "diag": diag, "orth_diag": orth_diag,
+                                                  "cosine": cosine}
 
 
 def get_solver(name: str) -> Callable[..., SolveResult]:
-    """The solver registered under ``name`` (lstsq, diag, cosine)."""
+    """The solver registered under ``name`` (lstsq, diag, orth_diag, cosine)."""
     try:
         return SOLVERS[name]
     except (KeyError, TypeError):
