@@ -9,13 +9,15 @@ import pytest
 import transformers
 
 from replaceme_jax.checkpoints import orbax_io
-from replaceme_jax.checkpoints.keymap import abstract_model, param_items
+from replaceme_jax.checkpoints.keymap import param_items
 from replaceme_jax.checkpoints.orbax_io import read_orbax_metadata, restore_orbax, save_orbax
 from replaceme_jax.checkpoints.registry import checkpoint_kind
 from replaceme_jax.errors import ReplaceMeError
 from replaceme_jax.models.config import ModelConfig
-from tiny_models import word_tokenizer
+from tiny_models import random_model, word_tokenizer
 
+# Not tiny_models.SMALL on purpose: a Qwen3 (q/k norms, head_dim 16) whose vocabulary of 40 holds
+# word_tokenizer()'s ids, and whose intermediate size (48) the shape-mismatch test's message names.
 SMALL = dict(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
              num_attention_heads=4, num_key_value_heads=2, head_dim=16)
 
@@ -27,11 +29,7 @@ def _config(**overrides) -> ModelConfig:
 
 
 def _model(config: ModelConfig, seed=0):
-    model = abstract_model(config)
-    rng = np.random.RandomState(seed)
-    for _, var in param_items(model):
-        var.set_value(jax.numpy.asarray(rng.randn(*var.shape), var.dtype))
-    return model
+    return random_model(config, seed)
 
 
 def _params(model):

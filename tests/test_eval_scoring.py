@@ -1,18 +1,22 @@
 """The packed scorer (shared contexts, several items per row, head at scored positions only)
 against a plain forward of each (context + continuation) row alone, in float64 numpy."""
-import jax
 import numpy as np
 import pytest
 
-from replaceme_jax.checkpoints.keymap import abstract_model, param_items
 from replaceme_jax.errors import ReplaceMeError
 from replaceme_jax.eval.scoring import TokenScorer
 from replaceme_jax.models.config import ModelConfig
+from tiny_models import random_model
 
 VOCAB = 97
 BASE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
             rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+# Not tiny_models.FAMILIES on purpose: the check is against our own plain forward (no transformers
+# reference), so these are ModelConfig fields; 2 blocks, vocabulary 97, a window of 5 and a llama3
+# original context of 16 that this file's contexts (up to ~48 tokens) cross, and weights of scale
+# 0.2 (``random_model``'s recipe otherwise). Sharing tiny_models' table would change the weights and
+# lengths every assertion here was written against.
 FAMILIES = {
     "llama": dict(model_type="llama", tie_word_embeddings=True),
     "mistral-window": dict(model_type="mistral", sliding_window=5, tie_word_embeddings=False),
@@ -25,13 +29,7 @@ FAMILIES = {
 
 
 def _model(family, seed=0):
-    model = abstract_model(ModelConfig.from_hf_config({**BASE, **FAMILIES[family]}))
-    rng = np.random.RandomState(seed)
-    for path, var in param_items(model):
-        shape = var.value.shape
-        value = (0.5 + rng.rand(*shape)) if "norm" in str(path) else 0.2 * rng.randn(*shape)
-        var.value = jax.numpy.asarray(value, np.float32)
-    return model
+    return random_model(ModelConfig.from_hf_config({**BASE, **FAMILIES[family]}), seed, scale=0.2)
 
 
 def _reference(model, pairs):

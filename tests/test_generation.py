@@ -14,8 +14,7 @@ from replaceme_jax.models.modeling import KVCache
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-from test_checkpoints_hf import FAMILIES, reference_pair  # noqa: E402
-from tiny_models import word_tokenizer  # noqa: E402
+from tiny_models import FAMILIES, random_tiny_llama, reference_pair, word_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -102,7 +101,6 @@ def test_real_smollm2_greedy_equals_transformers(smollm2):
 
 @pytest.fixture(scope="module")
 def tiny():
-    from tiny_models import random_tiny_llama
     return Generator(random_tiny_llama(vocab_size=40), word_tokenizer(37), steps_per_call=3)
 
 
