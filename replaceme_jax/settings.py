@@ -93,6 +93,31 @@ class CosineSettings(_Section):
 
 
 @dataclasses.dataclass(frozen=True)
+class BudgetSettings(_Section):
+    blocks: int = 0            # 0: off (num_blocks x num_transforms as given)
+    max_cuts: int = 2
+    min_cut_blocks: int = 1
+    proxy: str = "stream"
+    confirm: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class HealSettings(_Section):
+    steps: int = 0             # 0: no healing
+    lr: float = 2e-4
+    warmup: int = 10
+    rank: int = 16
+    lora_alpha: float = 32.0
+    blocks: str = "adjacent"   # adjacent | all | comma list of pruned-model block indices
+    modules: str = "all"       # all | comma list of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj
+    num_samples: int = 2048    # passages of the calibration source's training part
+    max_length: int = 256
+    batch_size: int = 4
+    checkpoint_every: int = 50
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalSettings(_Section):
     perplexity_windows: int = 16
     window: int = 1024
@@ -127,6 +152,8 @@ class Settings(_Section):
     ridge_target: str = "zero"         # zero | identity (lstsq only): what the ridge shrinks T toward
     alpha_grid: str = ""               # comma list of relative ridge strengths chosen on validation text
     multi_cut: str = "auto"
+    budget: BudgetSettings = BudgetSettings()
+    heal: HealSettings = HealSettings()
     cosine: CosineSettings = CosineSettings()
     seed: int = 0
     output_dir: str = "runs/smollm2-135m"
@@ -177,6 +204,11 @@ class Settings(_Section):
                 raise ReplaceMeError(f"unknown setting {key!r}{_suggest(leaf, node)}")
             node[leaf] = value
         return Settings.from_config(raw)
+
+    @property
+    def blocks_removed(self) -> int:
+        """Blocks the run removes in all (before merging touching cuts)."""
+        return self.budget.blocks or self.num_blocks * self.num_transforms
 
     @property
     def multi_cut_mode(self) -> str:
@@ -335,6 +367,8 @@ def _validate(s: Settings) -> None:
                                  f"{s.solver!r} is trained by Optax. Fix: one of {CLOSED_FORM_SOLVERS}, or alpha=")
         s.alpha_values()
     _choice("multi_cut", s.multi_cut, MULTI_CUT)
+    _validate_budget(s)
+    _validate_heal(s.heal)
     k = s.cosine
     _choice("cosine.init", k.init, COSINE_INIT)
     _choice("cosine.optimizer", k.optimizer, optimizers(), "optimizer")
@@ -363,8 +397,63 @@ def _validate(s: Settings) -> None:
     _choice("mesh.rules", s.mesh.rules, mesh_rules())
 
 
+def _validate_heal(h: HealSettings) -> None:
+    _at_least("heal.steps", h.steps, 0, " (optimiser steps of the healing stage; 0: off)")
+    if not h.steps:
+        return
+    if not h.lr > 0:
+        raise ReplaceMeError(f"heal.lr={h.lr} must be positive (2e-4 by default)")
+    _at_least("heal.warmup", h.warmup, 0)
+    _at_least("heal.rank", h.rank, 1, " (adapter rank)")
+    if not h.lora_alpha > 0:
+        raise ReplaceMeError(f"heal.lora_alpha={h.lora_alpha} must be positive (the adapter scale is lora_alpha / rank)")
+    _at_least("heal.num_samples", h.num_samples, 1)
+    _at_least("heal.max_length", h.max_length, 2)
+    _at_least("heal.batch_size", h.batch_size, 1)
+    _at_least("heal.checkpoint_every", h.checkpoint_every, 1)
+    _at_least("heal.seed", h.seed, 0)
+    from replaceme_jax.replaceme.heal import target_modules
+    target_modules(h.modules)
+    if h.blocks not in ("adjacent", "all"):
+        try:
+            [int(p) for p in h.blocks.split(",") if p.strip()]
+        except ValueError:
+            raise ReplaceMeError(f"heal.blocks={h.blocks!r}: use adjacent, all or pruned-model block indices, "
+                                 "e.g. 10,11") from None
+
+
+def _validate_budget(s: Settings) -> None:
+    b = s.budget
+    _at_least("budget.blocks", b.blocks, 0, " (total blocks removed over several cuts; 0: off)")
+    if not b.blocks:
+        return
+    _at_least("budget.max_cuts", b.max_cuts, 1)
+    _at_least("budget.min_cut_blocks", b.min_cut_blocks, 1)
+    _at_least("budget.confirm", b.confirm, 0, " (top combinations confirmed on validation text; 0: trust the proxy)")
+    from replaceme_jax.replaceme.budgets import PROXIES
+    _choice("budget.proxy", b.proxy, PROXIES)
+    if b.min_cut_blocks > b.blocks:
+        raise ReplaceMeError(f"budget.min_cut_blocks={b.min_cut_blocks} exceeds budget.blocks={b.blocks}")
+    if s.cuts:
+        raise ReplaceMeError(f"cuts={s.cuts!r} and budget.blocks={b.blocks} both choose the cuts; give one "
+                             "(budget.blocks=0 keeps explicit cuts)")
+    if s.num_transforms != 1:
+        raise ReplaceMeError(f"num_transforms={s.num_transforms} with budget.blocks={b.blocks}: the budget "
+                             "chooses the number of cuts; set budget.max_cuts instead (num_transforms=1)")
+    if s.selection not in ("residual", "angular"):
+        raise ReplaceMeError(f"budget.blocks scores combinations by a cheap per-cut score; selection="
+                             f"{s.selection!r} is not one. Fix: selection=residual (or angular); the top "
+                             "combinations are confirmed by validation NLL (budget.confirm)")
+    if s.candidates != "all":
+        raise ReplaceMeError("budget.blocks scores and confirms combinations from every candidate cut's "
+                             "sums; set candidates=all")
+
+
 def check_against_model(s: Settings, depth: int) -> None:
     """The checks that need the model's depth (number of blocks)."""
-    if not 1 <= s.num_blocks <= depth - 1:
+    if s.budget.blocks and not s.budget.blocks <= depth - 1:
+        raise ReplaceMeError(f"budget.blocks={s.budget.blocks} but the model has {depth} blocks: choose "
+                             f"1 <= budget.blocks <= {depth - 1} (block 0 stays as an anchor)")
+    if not s.budget.blocks and not 1 <= s.num_blocks <= depth - 1:  # num_blocks is unused with a budget
         raise ReplaceMeError(f"num_blocks={s.num_blocks} but the model has {depth} blocks: choose "
                              f"1 <= num_blocks <= {depth - 1} (a cut keeps block 0 as its anchor)")

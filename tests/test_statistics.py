@@ -84,6 +84,9 @@ def test_smollm2_statistics_match_float64_numpy(smollm2, smol_batches, smol_refe
         T_ref = np.linalg.lstsq(M, R, rcond=None)[0]
         assert np.linalg.norm(T_ours - T_ref) / np.linalg.norm(T_ref) <= 1e-5
         assert abs(ne.rtr - (R * R).sum()) / (R * R).sum() <= 1e-6
+        # The stream energy after the cut's last block (the budget selection's scale).
+        h = ref["L"][idx[e - 1], rows]
+        assert abs(stats.stream_sq[e] - (h * h).sum()) / (h * h).sum() <= 1e-6
 
 
 def test_padding_side_does_not_change_statistics():

@@ -45,8 +45,9 @@ def save_statistics(stats: Statistics, path) -> None:
             "cuts": [list(c) for c in stats.request.cuts], "include_pad": stats.request.include_pad,
             "accum_dtype": stats.request.accum_dtype}
     arrays = {"gram": stats.gram, "cross": stats.cross, "target_sq": stats.target_sq}
-    if stats.distance_sum is not None:
-        arrays["distance_sum"] = stats.distance_sum
+    for name in ("distance_sum", "stream_sq"):
+        if getattr(stats, name) is not None:
+            arrays[name] = getattr(stats, name)
     buf = io.BytesIO()
     np.savez(buf, meta=np.asarray(json.dumps(meta)), **arrays)
     atomic_write_bytes(path, buf.getvalue())
@@ -61,7 +62,8 @@ def load_statistics(path) -> Statistics:
         return Statistics(num_blocks=meta["num_blocks"], request=request, num_sequences=meta["num_sequences"],
                           num_tokens=meta["num_tokens"],
                           distance_sum=z["distance_sum"] if "distance_sum" in z.files else None,
-                          gram=z["gram"], cross=z["cross"], target_sq=z["target_sq"])
+                          gram=z["gram"], cross=z["cross"], target_sq=z["target_sq"],
+                          stream_sq=z["stream_sq"] if "stream_sq" in z.files else None)
 
 
 def cached_statistics(cache_dir, key: dict, sizes: Sequence[int], model, batches, *, include_pad: bool = False,

@@ -46,6 +46,25 @@ def default_config() -> ml_collections.ConfigDict:
     c.alpha_grid = ""               # e.g. "0,1e-4,1e-3,1e-2": relative ridge (x tr(MᵀM)/d) chosen by the
                                     # validation residual on calibration.validation_samples passages
     c.multi_cut = "auto"            # one_pass | sequential | auto (lstsq: one_pass, cosine: sequential)
+    c.budget = ml_collections.ConfigDict()
+    c.budget.blocks = 0             # >0: remove this many blocks as up to max_cuts cuts (num_blocks unused)
+    c.budget.max_cuts = 2
+    c.budget.min_cut_blocks = 1     # shortest cut of a combination
+    c.budget.proxy = "stream"       # stream | relative: per-cut cost summed over a combination
+    c.budget.confirm = 4            # top combinations (+ the best single cut) scored by validation NLL
+    c.heal = ml_collections.ConfigDict()  # optional distillation after pruning (off: steps = 0)
+    c.heal.steps = 0                # optimiser steps; resumable (state in <output_dir>.heal)
+    c.heal.lr = 2e-4
+    c.heal.warmup = 10
+    c.heal.rank = 16                # LoRA rank; adapters are folded into W at the end
+    c.heal.lora_alpha = 32.0
+    c.heal.blocks = "adjacent"      # adjacent (anchor + first block after each cut) | all | "10,11"
+    c.heal.modules = "all"          # all | e.g. "down_proj,up_proj"
+    c.heal.num_samples = 2048       # passages of the calibration source (training part)
+    c.heal.max_length = 256
+    c.heal.batch_size = 4           # packed rows per step
+    c.heal.checkpoint_every = 50
+    c.heal.seed = 0
     c.cosine = ml_collections.ConfigDict()
     c.cosine.init = "lstsq"         # lstsq | identity
     c.cosine.optimizer = "adam"

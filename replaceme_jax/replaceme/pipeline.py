@@ -58,6 +58,7 @@ class PruneResult:
     solves: list[Any]                # SolveResult per cut
     residuals: list[float]           # relative residual of each T on its cut's calibration tokens
     times: dict[str, float]
+    budget: list[Any] | None = None  # budget.blocks: the combinations considered (budgets.Candidate)
 
 
 def calibration_batches(tokenizer, cal, *, part: str = "calibration", num_samples=...):
@@ -131,11 +132,16 @@ def prune(model: CausalLM, batches, cfg, *, stats: Statistics | None = None,
     plan = plan_from_config(cfg)  # None: one device; else the mesh of cfg.mesh, weights placed on it
     if plan is not None:
         model = plan.shard_model(model)
-    depth, n = model.config.num_hidden_layers, cfg.num_blocks
+    depth = model.config.num_hidden_layers
+    n = cfg.budget.blocks or cfg.num_blocks  # the single-cut score tables are for the whole budget
     check_against_model(cfg, depth)
+    budgeted = bool(cfg.budget.blocks) and cuts is None
     chosen = list(validate_cuts(cuts, depth)) if cuts is not None else None
     user_cuts = parse_cuts(cfg.cuts, depth) if cfg.cuts and chosen is None else None
     rule = sel.get_rule(cfg.selection) if user_cuts is None and chosen is None else None  # fail before the pass
+    if budgeted and cfg.budget.confirm and validation is None:
+        raise ReplaceMeError("budget.confirm scores the top combinations on validation batches; pass validation= "
+                             "(pipeline.run builds them from the calibration source) or set budget.confirm=0")
     if rule is not None and cfg.selection in sel.MODEL_RULES and validation is None:
         raise ReplaceMeError(f"selection={cfg.selection!r} scores pruned models on validation batches; pass "
                              "validation= (pipeline.run builds them from the calibration source)")
@@ -160,7 +166,13 @@ def prune(model: CausalLM, batches, cfg, *, stats: Statistics | None = None,
                     extra = dict(model=model, validation=validation, progress=cfg.progress,
                                  solver=cfg.solver if cfg.solver in CLOSED_FORM_SOLVERS else "lstsq")
                 scores[cfg.selection] = rule(stats, n, alpha=cfg.alpha, **extra)
-    if chosen is None:
+    considered = None
+    if budgeted:
+        from replaceme_jax.replaceme.budgets import choose_budget
+        with timer("selection", f"splitting {cfg.budget.blocks} blocks over up to {cfg.budget.max_cuts} cuts"):
+            cuts, considered = choose_budget(stats, cfg, model=model, validation=validation,
+                                             solver=cfg.solver if cfg.solver in CLOSED_FORM_SOLVERS else "lstsq")
+    elif chosen is None:
         with timer("selection"):
             cuts = user_cuts or sel.choose_cuts(scores[cfg.selection], cfg.num_transforms, cfg.merge_consecutive)
 
@@ -206,7 +218,12 @@ def prune(model: CausalLM, batches, cfg, *, stats: Statistics | None = None,
                 pruned = apply_cuts(pruned, [cut], [transforms[-1]])
             offset += e - s
     return PruneResult(model=pruned, cuts=list(cuts), transforms=transforms, stats=stats, scores=scores,
-                       solves=solves, residuals=residuals, times=timer.times)
+                       solves=solves, residuals=residuals, times=timer.times, budget=considered)
+
+
+def heal_directory(cfg: Settings) -> str:
+    """Where the healing stage keeps its resumable state: beside the output, which is written whole."""
+    return cfg.output_dir.rstrip("/") + ".heal"
 
 
 def estimated_output_bytes(cfg: Settings) -> int | None:
@@ -222,7 +239,7 @@ def estimated_output_bytes(cfg: Settings) -> int | None:
     except ReplaceMeError:
         return None
     total, per_block = parameter_count(config)
-    kept = total - per_block * min(cfg.num_blocks * cfg.num_transforms, config.num_hidden_layers - 1)
+    kept = total - per_block * min(cfg.blocks_removed, config.num_hidden_layers - 1)
     copies = int(cfg.save_orbax) + int(cfg.export_hf)
     return kept * jnp.dtype(cfg.param_dtype).itemsize * copies + (64 << 20)  # + tokenizer, tables, plots
 
@@ -256,7 +273,7 @@ def run(cfg) -> tuple[PruneResult, dict]:
     with timer("calibration_data", f"calibration data ({cfg.calibration.source})"):
         batches = calibration_batches(tokenizer, cfg)
         validation = None
-        if (cfg.selection == "search" and not cfg.cuts) or cfg.alpha_grid:
+        if (cfg.selection == "search" and not cfg.cuts) or cfg.alpha_grid or (cfg.budget.blocks and cfg.budget.confirm):
             validation = calibration_batches(tokenizer, cfg, part="validation",
                                              num_samples=cfg.calibration.validation_samples)
     result = prune(model, batches, cfg, validation=validation, timer=timer)
@@ -269,11 +286,32 @@ def run(cfg) -> tuple[PruneResult, dict]:
                              f"the folded transforms of cuts {result.cuts} ({cfg.solver}) are the likely cause: "
                              "try accum_dtype=float64, dtype=float32 or a ridge alpha")
 
+    unhealed, healed = None, None
+    if cfg.heal.steps:
+        from replaceme_jax.replaceme.heal import heal
+        with timer("calibration_data", f"healing text ({cfg.heal.num_samples} passages of {cfg.calibration.source})"):
+            heal_batches = calibration_batches(tokenizer, cfg.replace(**{
+                "calibration.num_samples": cfg.heal.num_samples, "calibration.max_length": cfg.heal.max_length,
+                "calibration.batch_size": cfg.heal.batch_size}))
+        with timer("heal", f"healing ({cfg.heal.steps} steps; state in {heal_directory(cfg)})"):
+            healed = heal(result.model, model, heal_batches, cfg, cuts=result.cuts, directory=heal_directory(cfg),
+                          progress=cfg.progress)
+        unhealed = result.model
+        result = dataclasses.replace(result, model=healed.model)
+        bad = non_finite_parameters(result.model)
+        if bad:
+            raise ReplaceMeError(f"healing left non-finite values in {bad[0][0]}; nothing was saved. Lower heal.lr")
+
     evaluation = {}
     if cfg.eval.perplexity_windows:
         with timer("evaluate", "held-out perplexity (dense, pruned" + (", drop)" if cfg.eval.compare_drop else ")")):
-            evaluation = rep.heldout_perplexities(model, result, tokenizer, cfg)
+            evaluation = rep.heldout_perplexities(model, result, tokenizer, cfg, unhealed=unhealed)
     report = rep.build_report(cfg, model, result, batches, evaluation, timer.times)
+    if healed is not None:
+        report["heal"] = {"steps": healed.steps, "tokens": healed.tokens, "resumed_from": healed.resumed_from,
+                          "blocks": healed.blocks, "modules": healed.modules, "seconds": round(healed.seconds, 1),
+                          "final_kl": healed.losses[-1][1] if healed.losses else None,
+                          "losses": [[s, v] for s, v in healed.losses]}
     report["memory"] = run_memory_report(cfg, model.config, batches)
     with timer("save", f"saving to {cfg.output_dir}"):
         save_run(cfg, result, tokenizer, report)

@@ -10,13 +10,16 @@ import numpy as np
 from replaceme_jax.models.modeling import num_parameters
 
 
-def heldout_perplexities(dense, result, tokenizer, cfg) -> dict:
-    """Held-out Wikipedia perplexity of dense, pruned and (optionally) plain-dropped models."""
+def heldout_perplexities(dense, result, tokenizer, cfg, *, unhealed=None) -> dict:
+    """Held-out Wikipedia perplexity of dense, pruned and (optionally) plain-dropped models;
+    ``unhealed``: the pruned model before the healing stage, when ``result.model`` is healed."""
     from replaceme_jax.eval.perplexity import HeldOutPerplexity
     from replaceme_jax.replaceme.surgery import apply_cuts
     ppl = HeldOutPerplexity(tokenizer, window=cfg.eval.window, max_windows=cfg.eval.perplexity_windows)
     label = (lambda name: f"perplexity, {name}") if cfg.progress else (lambda name: None)
     out = {"dense": ppl(dense, label("dense")).to_dict(), "pruned": ppl(result.model, label("pruned")).to_dict()}
+    if unhealed is not None:
+        out["unhealed"] = ppl(unhealed, label("pruned before healing")).to_dict()
     if cfg.eval.compare_drop:
         out["drop"] = ppl(apply_cuts(dense, result.cuts), label("drop")).to_dict()
     return out
@@ -48,6 +51,9 @@ def build_report(cfg, dense, result, batches, evaluation: dict, times: dict) -> 
                         # The share of the source's texts held out (never calibrated on) for validation.
                         "validation_fraction": cfg.calibration.validation_fraction},
         "scores": {rule: {f"{s}-{e}": v for (s, e), v in sc.items()} for rule, sc in result.scores.items()},
+        "budget": (None if result.budget is None else
+                   {"blocks": cfg.budget.blocks, "max_cuts": cfg.budget.max_cuts, "proxy": cfg.budget.proxy,
+                    "candidates": [c.to_dict() for c in result.budget]}),
         "heldout_perplexity": evaluation,
         "times_s": {k: round(v, 2) for k, v in times.items()},
         "config": cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg),
@@ -120,6 +126,13 @@ def format_report(report: dict) -> str:
                  f"(pads {'included' if cal['include_pad'] else 'excluded'}"
                  + (f"; {held_out:.0%} of its texts held out for validation)" if held_out else ")"))
     lines.append(f"selection: {report['selection']}, solver: {report['solver']} (alpha={report['alpha']})")
+    budget = report.get("budget")
+    if budget:
+        lines.append(f"budget: {budget['blocks']} blocks over up to {budget['max_cuts']} cuts; combinations "
+                     f"considered ({budget['proxy']} proxy, validation NLL):")
+        for c in budget["candidates"]:
+            nll = "" if c["validation_nll"] is None else f"   {c['validation_nll']:.4f}"
+            lines.append(f"  {' + '.join(c['cuts']):<16} {c['proxy']:.5f}{nll}")
     for c in report["cuts"]:
         extra = f", angular distance {c['angular_distance']:.4f}" if "angular_distance" in c else ""
         lines.append(f"  cut blocks [{c['cut'][0]}, {c['cut'][1]}) -> T folded into block {c['anchor_block']}"
@@ -129,11 +142,16 @@ def format_report(report: dict) -> str:
         d = ppl["dense"]
         lines.append(f"held-out Wikipedia perplexity ({d['num_windows']} windows x {d['window']} tokens, "
                      f"{d['num_tokens']} scored tokens):")
-        for name in ("dense", "pruned", "drop"):
+        for name in ("dense", "pruned", "unhealed", "drop"):
             if name in ppl:
                 ratio = ppl[name]["ppl"] / d["ppl"]
-                label = {"drop": "drop (no transform)"}.get(name, name)
+                label = {"drop": "drop (no transform)", "pruned": "pruned" + (" + healed" if "unhealed" in ppl else ""),
+                         "unhealed": "pruned, not healed"}.get(name, name)
                 lines.append(f"  {label:<20} {ppl[name]['ppl']:10.3f}   ({ratio:.2f}x dense)")
+    heal = report.get("heal")
+    if heal:
+        lines.append(f"healing: {heal['steps']} steps, {heal['tokens']} tokens, final KL {heal['final_kl']:.4f} "
+                     f"(blocks {heal['blocks']}, {heal['seconds']:.0f} s)")
     times = report.get("times_s", {})
     if times:
         lines.append("times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))

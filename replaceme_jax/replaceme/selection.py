@@ -29,9 +29,10 @@ def angular_scores(stats: Statistics, n: int, alpha: float = 0.0) -> dict[Cut, f
     return {cut: float(stats.distances[n - 1, cut[0]]) for cut in candidate_cuts(stats.num_blocks, n)}
 
 
-def residual_scores(stats: Statistics, n: int, alpha: float = 0.0) -> dict[Cut, float]:
+def residual_scores(stats: Statistics, n: int, alpha: float = 0.0, *, cuts=None) -> dict[Cut, float]:
+    """``cuts``: the cuts of n blocks to score (default: every candidate)."""
     from replaceme_jax.replaceme.solvers import lstsq
-    cuts = candidate_cuts(stats.num_blocks, n)
+    cuts = candidate_cuts(stats.num_blocks, n) if cuts is None else tuple(cuts)
     missing = [c for c in cuts if c not in stats.request.cuts]
     if missing:
         raise ReplaceMeError(f"residual selection needs normal equations for every candidate cut of {n} "

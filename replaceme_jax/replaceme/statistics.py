@@ -67,6 +67,9 @@ class Statistics:
     gram: np.ndarray                 # [num_anchors, d, d]  MᵀM
     cross: np.ndarray                # [num_cuts, d, d]     Mᵀ(L - Y)
     target_sq: np.ndarray            # [num_cuts]           ‖L - Y‖²
+    # [depth + 1]: ‖h_k‖² summed over the weighted tokens, h_0 the embeddings (the residual stream's
+    # energy after each block: the scale a cut's error is measured against when cuts are combined)
+    stream_sq: np.ndarray | None = None
 
     @property
     def distances(self) -> np.ndarray | None:
@@ -88,8 +91,15 @@ class Statistics:
         return NormalEquations(mtm=self.gram[a], mtr=self.cross[c], rtr=float(self.target_sq[c]),
                                count=int(self.num_tokens))
 
+    def stream_energy(self, block: int) -> float:
+        """Mean ‖h_block‖² per token (h_0: the embeddings; h_k: the output of block k - 1)."""
+        if self.stream_sq is None or block >= len(self.stream_sq):
+            raise ReplaceMeError(f"these statistics hold no stream energy for block output {block}; gather "
+                                 "them again (statistics saved before the budget selection lack it)")
+        return float(self.stream_sq[block]) / max(self.num_tokens, 1)
+
     def check_finite(self):
-        for name in ("gram", "cross", "target_sq", "distance_sum"):
+        for name in ("gram", "cross", "target_sq", "distance_sum", "stream_sq"):
             arr = getattr(self, name)
             if arr is not None and arr.size and not np.isfinite(arr).all():
                 raise ReplaceMeError(
@@ -131,6 +141,8 @@ def _batch_sums(model, input_ids, attention_mask, request: StatsRequest, depth: 
     d = h.shape[-1]
     last_idx, seq_valid = _segment_ends(attention_mask)
     lasts = [_last_tokens(h, last_idx).astype(jnp.float32)]
+    energy = lambda x: jnp.sum(w * jnp.sum(jnp.square(x.astype(jnp.float32)), -1))  # noqa: E731
+    stream = [energy(h)]
     anchors, cuts = request.anchors, request.cuts
     keep = {}
     cross, target_sq = [None] * len(cuts), [None] * len(cuts)
@@ -144,9 +156,11 @@ def _batch_sums(model, input_ids, attention_mask, request: StatsRequest, depth: 
                 r = h.astype(acc) - y_a
                 cross[c] = jnp.einsum("btd,bte->de", mw_a, r, precision=_HI)
                 target_sq[c] = jnp.sum(w[..., None].astype(acc) * r * r)
+        stream.append(energy(h))
         if request.max_distance_blocks:
             lasts.append(_last_tokens(h, last_idx).astype(jnp.float32))
     out = {
+        "stream_sq": jnp.stack(stream).astype(acc),
         "gram": (jnp.stack([jnp.einsum("btd,bte->de", keep[a][1], keep[a][1], precision=_HI) for a in anchors])
                  if anchors else jnp.zeros((0, d, d), acc)),
         "cross": jnp.stack(cross) if cuts else jnp.zeros((0, d, d), acc),
@@ -245,7 +259,7 @@ def gather_statistics(model, batches: Iterable, request: StatsRequest, *, progre
         num_blocks=num_blocks, request=request,
         num_sequences=int(round(total["sequences"])), num_tokens=int(round(total["tokens"])),
         distance_sum=total.get("distance_sum"), gram=total["gram"], cross=total["cross"],
-        target_sq=total["target_sq"])
+        target_sq=total["target_sq"], stream_sq=total["stream_sq"])
     stats.check_finite()
     return stats
 
@@ -255,7 +269,14 @@ def statistics_request(cfg, depth: int) -> StatsRequest:
     from replaceme_jax.settings import Settings, check_against_model
     cfg = Settings.from_config(cfg)
     check_against_model(cfg, depth)
-    cuts = candidate_cuts(depth, cfg.num_blocks) if cfg.candidates == "all" else ()
+    if cfg.candidates != "all":
+        cuts = ()
+    elif cfg.budget.blocks:
+        from replaceme_jax.replaceme.budgets import budget_cuts
+        b = cfg.budget
+        cuts = budget_cuts(depth, b.blocks, b.max_cuts, b.min_cut_blocks)
+    else:
+        cuts = candidate_cuts(depth, cfg.num_blocks)
     return StatsRequest(max_distance_blocks=depth - 1, cuts=cuts,
                         include_pad=cfg.calibration.include_pad, accum_dtype=cfg.accum_dtype)
 
