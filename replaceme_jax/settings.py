@@ -104,7 +104,7 @@ class BudgetSettings(_Section):
 @dataclasses.dataclass(frozen=True)
 class HealSettings(_Section):
     steps: int = 0             # 0: no healing
-    lr: float = 2e-4
+    lr: float = 5e-4
     warmup: int = 10
     rank: int = 16
     lora_alpha: float = 32.0
@@ -402,7 +402,7 @@ def _validate_heal(h: HealSettings) -> None:
     if not h.steps:
         return
     if not h.lr > 0:
-        raise ReplaceMeError(f"heal.lr={h.lr} must be positive (2e-4 by default)")
+        raise ReplaceMeError(f"heal.lr={h.lr} must be positive (5e-4 by default)")
     _at_least("heal.warmup", h.warmup, 0)
     _at_least("heal.rank", h.rank, 1, " (adapter rank)")
     if not h.lora_alpha > 0:

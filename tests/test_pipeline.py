@@ -125,3 +125,29 @@ def test_multi_cut_one_pass_vs_sequential():
     assert one.model.config.num_hidden_layers == seq.model.config.num_hidden_layers == 6
     np.testing.assert_allclose(one.transforms[0], seq.transforms[0], rtol=1e-6, atol=1e-8)
     assert not np.allclose(one.transforms[1], seq.transforms[1])
+
+
+def test_budget_and_healing_end_to_end(tmp_path):
+    """The main job with a split budget and the healing stage: the report lists the combinations
+    confirmed on validation text, the healed model is saved, and a re-run resumes the healing."""
+    import os
+    from replaceme_jax.checkpoints import load_pretrained
+    cfg = small_config(tmp_path, **{"budget.blocks": 4, "budget.min_cut_blocks": 2, "budget.confirm": 1,
+                                    "eval.perplexity_windows": 1,
+                                    "calibration.validation_samples": 4, "heal.steps": 2, "heal.num_samples": 8,
+                                    "heal.max_length": 64, "heal.batch_size": 2, "heal.checkpoint_every": 1,
+                                    "export_hf": False})
+    result, report = run(cfg)
+    assert sum(e - s for s, e in result.cuts) == 4 and result.model.config.num_hidden_layers == 26
+    considered = report["budget"]["candidates"]
+    assert all(c["validation_nll"] is not None for c in considered)
+    best = min(considered, key=lambda c: c["validation_nll"])
+    assert best["cuts"] == [f"{s}-{e}" for s, e in result.cuts]
+    assert report["heal"]["steps"] == 2 and report["heal"]["resumed_from"] == 0
+    assert {"pruned", "unhealed", "dense"} <= set(report["heldout_perplexity"])
+    saved, _ = load_pretrained(os.path.join(cfg.output_dir, "orbax"))
+    assert saved.config.num_hidden_layers == 26
+    assert os.path.exists(cfg.output_dir + ".heal/heal_run.json")
+    cfg.overwrite = True  # the same command again: the finished healing state is reused, not redone
+    _, again = run(cfg)
+    assert again["heal"]["resumed_from"] == 2 and again["cuts"] == report["cuts"]

@@ -11,7 +11,7 @@ from replaceme_jax.errors import ReplaceMeError
 from replaceme_jax.models.config import ModelConfig
 from replaceme_jax.models.modeling import CausalLM
 from replaceme_jax.replaceme.cuts import candidate_cuts
-from replaceme_jax.replaceme.statistics import StatsRequest, gather_statistics
+from replaceme_jax.replaceme.statistics import StatsRequest, add_statistics, gather_statistics
 
 CUTS = ((20, 28), (5, 9))
 
@@ -103,6 +103,16 @@ def test_padding_side_does_not_change_statistics():
     np.testing.assert_allclose(right.cross, left.cross, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(right.distances, left.distances, atol=1e-6, equal_nan=True)
     assert right.num_tokens == sum(len(s) for s in seqs)
+    # Passes over two halves add up to the pass over all (what the calibration study relies on).
+    halves = [gather_statistics(model, make_batches(part, batch_size=4, max_length=16), req)
+              for part in (seqs[:3], seqs[3:])]
+    total = add_statistics(*halves)
+    for name in ("gram", "cross", "target_sq", "stream_sq", "distance_sum"):
+        np.testing.assert_allclose(getattr(total, name), getattr(right, name), rtol=1e-5, atol=1e-5)
+    assert (total.num_tokens, total.num_sequences) == (right.num_tokens, right.num_sequences)
+    with pytest.raises(ReplaceMeError, match="different requests"):
+        add_statistics(right, gather_statistics(model, make_batches(seqs, batch_size=4, max_length=16),
+                                                StatsRequest(cuts=((1, 3),))))
 
 
 def test_packed_rows_give_the_same_statistics_logits_and_nll():

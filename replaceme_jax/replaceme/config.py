@@ -54,7 +54,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.budget.confirm = 4            # top combinations (+ the best single cut) scored by validation NLL
     c.heal = ml_collections.ConfigDict()  # optional distillation after pruning (off: steps = 0)
     c.heal.steps = 0                # optimiser steps; resumable (state in <output_dir>.heal)
-    c.heal.lr = 2e-4
+    c.heal.lr = 5e-4
     c.heal.warmup = 10
     c.heal.rank = 16                # LoRA rank; adapters are folded into W at the end
     c.heal.lora_alpha = 32.0

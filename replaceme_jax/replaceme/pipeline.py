@@ -64,7 +64,7 @@ class PruneResult:
 def calibration_batches(tokenizer, cal, *, part: str = "calibration", num_samples=...):
     """Calibration texts -> static-shape batches (``cal``: the ``calibration`` settings or config block;
     ``num_samples`` overrides its passage count, e.g. for the validation part)."""
-    from replaceme_jax.data import load_calibration_texts, make_batches, tokenize_texts
+    from replaceme_jax.data import load_calibration_texts
     if not isinstance(cal, Settings):
         cal = Settings.from_config({"calibration": cal.to_dict() if hasattr(cal, "to_dict") else dict(cal)})
     texts = load_calibration_texts(
@@ -72,6 +72,12 @@ def calibration_batches(tokenizer, cal, *, part: str = "calibration", num_sample
         seed=cal.calibration.seed, part=part, validation_fraction=cal.calibration.validation_fraction,
         text_column=cal.calibration.text_column or None, messages_column=cal.calibration.messages_column or None,
         tokenizer=tokenizer, hf_config=cal.calibration.hf_config or None, hf_split=cal.calibration.hf_split)
+    return batches_from_texts(texts, tokenizer, cal)
+
+
+def batches_from_texts(texts, tokenizer, cal):
+    """Texts -> the static-shape batches of the ``calibration`` settings (length, batch size, packing)."""
+    from replaceme_jax.data import make_batches, tokenize_texts
     c = cal.calibration
     tokens = tokenize_texts(texts, tokenizer, c.max_length, add_bos=cal.resolved_add_bos(tokenizer))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -107,6 +107,18 @@ class Statistics:
                     "on the calibration data: use dtype=float32, check the checkpoint, or shorten max_length.")
 
 
+def add_statistics(a: Statistics, b: Statistics) -> Statistics:
+    """The statistics of both passes' tokens together (every field is a sum): passes over disjoint
+    batches, e.g. growing calibration sets or several hosts' shares, combine without re-running."""
+    if a.request != b.request or a.num_blocks != b.num_blocks:
+        raise ReplaceMeError("cannot add statistics of different requests or models; gather them with one request")
+    both = lambda x, y: None if x is None else x + y  # noqa: E731
+    return dataclasses.replace(
+        a, num_sequences=a.num_sequences + b.num_sequences, num_tokens=a.num_tokens + b.num_tokens,
+        distance_sum=both(a.distance_sum, b.distance_sum), gram=a.gram + b.gram, cross=a.cross + b.cross,
+        target_sq=a.target_sq + b.target_sq, stream_sq=both(a.stream_sq, b.stream_sq))
+
+
 def _kahan_add(total, comp, x):
     """Compensated summation: keeps float32 running sums accurate over thousands of batches."""
     y = x - comp

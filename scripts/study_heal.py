@@ -1,0 +1,114 @@
+"""What each minute of healing buys: held-out perplexity against healing tokens and wall time.
+
+    python scripts/study_heal.py --cut=12-20 --config.heal.steps=200 --eval_at=0,25,50,100,200
+    python scripts/study_heal.py --cut=12-20 --start=drop      # the paper's UIDL + healing baseline
+
+Prunes one cut (ReplaceMe lstsq, or ``--start=drop``: the same blocks removed with no transform),
+then runs the healing stage (``heal.*`` settings of the config) and scores the model at the steps of
+``--eval_at`` on two held-out genres never used for calibration or healing (the Wikipedia excerpt and
+LAMBADA-OpenAI fiction). Healing stops early after ``--max_minutes`` of healing time (evaluation
+excluded), keeping the rows reached. Writes heal.json and heal.md.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from absl import flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from replaceme_jax.cli import run_main  # noqa: E402
+from replaceme_jax.errors import ReplaceMeError  # noqa: E402
+
+CONFIG = config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(__file__), "..", "configs", "smollm2_135m.py"),
+                                         "Pipeline config (model, calibration, heal.*).")
+CUT = flags.DEFINE_string("cut", "12-20", "Cut start-end (end exclusive).")
+START = flags.DEFINE_enum("start", "replaceme", ["replaceme", "drop"], "What is healed: the lstsq model or the plain drop.")
+EVAL_AT = flags.DEFINE_string("eval_at", "0,25,50,100,200", "Healing steps at which held-out perplexity is scored.")
+WINDOWS = flags.DEFINE_integer("ppl_windows", 4, "Perplexity windows of 1024 tokens per genre.")
+MAX_MINUTES = flags.DEFINE_float("max_minutes", 60.0, "Stop healing after this much healing time.")
+OUT = flags.DEFINE_string("output_dir", "runs/heal", "Where heal.json and heal.md go.")
+
+
+class _OutOfTime(Exception):
+    pass
+
+
+def main(argv) -> int:
+    if len(argv) > 1:
+        raise ReplaceMeError(f"unexpected arguments {argv[1:]}")
+    from replaceme_jax.checkpoints import load_pretrained
+    from replaceme_jax.data.corpora import heldout_fiction_texts
+    from replaceme_jax.eval.perplexity import HeldOutPerplexity
+    from replaceme_jax.io_utils import atomic_write_json, atomic_write_text
+    from replaceme_jax.replaceme.cuts import parse_cuts
+    from replaceme_jax.replaceme.heal import heal
+    from replaceme_jax.replaceme.pipeline import calibration_batches, prune
+    from replaceme_jax.replaceme.surgery import apply_cuts
+    from replaceme_jax.settings import Settings
+
+    cfg = Settings.from_config(CONFIG.value).replace(progress=False)
+    if not cfg.heal.steps:
+        raise ReplaceMeError("heal.steps is 0: give --config.heal.steps=200 (or more)")
+    try:
+        eval_at = sorted({int(s) for s in EVAL_AT.value.split(",") if s.strip()})
+    except ValueError:
+        raise ReplaceMeError(f"--eval_at={EVAL_AT.value!r}: give step numbers, e.g. 0,50,100") from None
+    model, tok = load_pretrained(cfg.model, param_dtype=cfg.param_dtype, dtype=cfg.dtype)
+    (cut,) = parse_cuts(CUT.value, model.config.num_hidden_layers)
+    if START.value == "drop":
+        student = apply_cuts(model, [cut])
+    else:
+        student = prune(model, calibration_batches(tok, cfg), cfg, cuts=[cut]).model
+    h = cfg.heal
+    heal_batches = calibration_batches(tok, cfg.replace(**{
+        "calibration.num_samples": h.num_samples, "calibration.max_length": h.max_length,
+        "calibration.batch_size": h.batch_size}))
+    genres = {"wikipedia": HeldOutPerplexity(tok, window=1024, max_windows=WINDOWS.value),
+              "fiction": HeldOutPerplexity(tok, heldout_fiction_texts(), window=1024, max_windows=WINDOWS.value)}
+    score = lambda m: {g: e(m).ppl for g, e in genres.items()}  # noqa: E731
+    dense = score(model)
+    tokens_per = {id(b): int((b.attention_mask > 0).sum()) for b in heal_batches}
+    mean_tokens = sum(tokens_per.values()) / len(tokens_per)
+    rows = [{"step": 0, "tokens": 0, "heal_s": 0.0, **score(student)}]
+    print(rows[-1], flush=True)
+    clock = {"heal": 0.0, "since": time.perf_counter()}
+
+    def on_step(step, healed):
+        clock["heal"] += time.perf_counter() - clock["since"]
+        if step in eval_at:
+            rows.append({"step": step, "tokens": int(step * mean_tokens), "heal_s": round(clock["heal"], 1),
+                         **score(healed())})
+            print(rows[-1], flush=True)
+        if clock["heal"] > 60 * MAX_MINUTES.value:
+            raise _OutOfTime
+        clock["since"] = time.perf_counter()
+
+    stopped = None
+    try:
+        heal(student, model, heal_batches, cfg, cuts=[cut], on_step=on_step)
+    except _OutOfTime:
+        stopped = f"stopped after {MAX_MINUTES.value:g} minutes of healing"
+    lines = [f"healing {START.value} at cut [{cut[0]}, {cut[1]}) of {cfg.model}: LoRA rank {h.rank} on blocks "
+             f"{h.blocks} ({h.modules}), lr {h.lr}, {h.batch_size} x {h.max_length}-token packed rows per step "
+             f"(~{mean_tokens:.0f} tokens) from {cfg.calibration.source}; {WINDOWS.value} windows x 1024 tokens per "
+             f"genre" + (f"; {stopped}" if stopped else ""), "",
+             "| step | healing tokens | healing s | Wikipedia ppl (x dense) | fiction ppl (x dense) |", "|---|---|---|---|---|",
+             f"| dense | | | {dense['wikipedia']:.2f} (1.00x) | {dense['fiction']:.2f} (1.00x) |"]
+    for r in rows:
+        cells = [f"{r[g]:.2f} ({r[g] / dense[g]:.2f}x)" for g in genres]
+        lines.append(f"| {r['step']} | {r['tokens']} | {r['heal_s']} | {cells[0]} | {cells[1]} |")
+    text = "\n".join(lines)
+    print(text)
+    os.makedirs(OUT.value, exist_ok=True)
+    name = "heal" if START.value == "replaceme" else "heal_drop"
+    atomic_write_json(os.path.join(OUT.value, f"{name}.json"), {"dense": dense, "rows": rows, "cut": list(cut),
+                                                                 "heal": h.to_dict(), "stopped": stopped})
+    atomic_write_text(os.path.join(OUT.value, f"{name}.md"), text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
