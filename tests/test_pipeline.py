@@ -132,7 +132,7 @@ def test_budget_and_healing_end_to_end(tmp_path):
     confirmed on validation text, the healed model is saved, and a re-run resumes the healing."""
     import os
     from replaceme_jax.checkpoints import load_pretrained
-    cfg = small_config(tmp_path, **{"budget.blocks": 4, "budget.min_cut_blocks": 2, "budget.confirm": 1,
+    cfg = small_config(tmp_path, **{"budget.blocks": 4, "budget.min_cut_blocks": 2, "budget.confirm": 2,
                                     "eval.perplexity_windows": 1,
                                     "calibration.validation_samples": 4, "heal.steps": 2, "heal.num_samples": 8,
                                     "heal.max_length": 64, "heal.batch_size": 2, "heal.checkpoint_every": 1,
@@ -140,7 +140,7 @@ def test_budget_and_healing_end_to_end(tmp_path):
     result, report = run(cfg)
     assert sum(e - s for s, e in result.cuts) == 4 and result.model.config.num_hidden_layers == 26
     considered = report["budget"]["candidates"]
-    assert all(c["validation_nll"] is not None for c in considered)
+    assert len(considered) >= 2 and all(c["validation_nll"] is not None for c in considered)
     best = min(considered, key=lambda c: c["validation_nll"])
     assert best["cuts"] == [f"{s}-{e}" for s, e in result.cuts]
     assert report["heal"]["steps"] == 2 and report["heal"]["resumed_from"] == 0

@@ -160,8 +160,9 @@ def test_memory_model_parameters_and_sums_per_device():
     assert m.parameters == (total - norms) * 2 // 8 + norms * 2
     d = config.hidden_size
     # MᵀM for anchors 0 and 1 and Mᵀ(L - Y) for two cuts, split by rows over 8 devices; ‖L - Y‖² per
-    # cut (float64) and the token and sequence counts (float32) replicated; all twice (Kahan).
-    assert m.accumulators == 2 * (4 * d * d * 8 // 8 + 2 * 8 + 2 * 4)
+    # cut and ‖h_k‖² for k = 0 .. 3 (the deepest cut ends at 3; float64) and the token and sequence
+    # counts (float32) replicated; all twice (Kahan).
+    assert m.accumulators == 2 * (4 * d * d * 8 // 8 + 2 * 8 + 4 * 8 + 2 * 4)
     assert m.partial_sums == 0  # tensor rules with data=1 keep the batch whole: no whole partials
     assert m.upcast == 0 and m.gathered == 0  # GPU, tensor parallel
     fsdp = memory.statistics_memory(config, request, (8, 1024), mesh_shape=(1, 8), rules="fsdp", backend="gpu")
