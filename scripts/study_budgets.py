@@ -46,9 +46,8 @@ def main(argv) -> int:
     if len(argv) > 1:
         raise ReplaceMeError(f"unexpected arguments {argv[1:]}")
     from replaceme_jax.checkpoints import load_pretrained
-    from replaceme_jax.data.corpora import heldout_fiction_texts
     from replaceme_jax.eval.nll import mean_nll
-    from replaceme_jax.eval.perplexity import HeldOutPerplexity
+    from replaceme_jax.eval.perplexity import held_out_genres
     from replaceme_jax.io_utils import atomic_write_json, atomic_write_text
     from replaceme_jax.replaceme import solvers
     from replaceme_jax.replaceme.budgets import best_combinations, budget_cuts, cut_costs
@@ -78,8 +77,7 @@ def main(argv) -> int:
         accum_dtype=base.accum_dtype))
     stats_s = time.perf_counter() - t0
     print(f"statistics pass: {len(cuts)} cuts, {stats.num_tokens} tokens, {stats_s:.0f} s", flush=True)
-    genres = {"wikipedia": HeldOutPerplexity(tok, window=1024, max_windows=WINDOWS.value),
-              "fiction": HeldOutPerplexity(tok, heldout_fiction_texts(), window=1024, max_windows=WINDOWS.value)}
+    genres = held_out_genres(tok, max_windows=WINDOWS.value)
     score = lambda m: {g: e(m).ppl for g, e in genres.items()}  # noqa: E731
     dense = score(model)
     rows, proxies = [{"n": 0, "variant": "dense", "cuts": [], **dense}], []
@@ -90,6 +88,31 @@ def main(argv) -> int:
             Ts = [solvers.lstsq(stats.normal_equations(c), alpha=base.alpha).T for c in combo]
             val_nll[combo] = mean_nll(apply_cuts(model, list(combo), Ts), validation)
         return val_nll[combo]
+
+    def write():  # after every row, so a stopped study keeps what it measured
+        lines = [f"{base.model}, {base.calibration.num_samples} {base.calibration.source} calibration passages, lstsq; "
+                 f"{WINDOWS.value} windows x 1024 tokens per genre; validation NLL on "
+                 f"{base.calibration.validation_samples} held-out calibration-source passages", "",
+                 "| blocks | variant | cuts | validation NLL | Wikipedia ppl (x dense) | fiction ppl (x dense) |",
+                 "|---|---|---|---|---|---|"]
+        for r in rows:
+            cells = [f"{r[g]:.2f} ({r[g] / dense[g]:.2f}x)" for g in genres]
+            cuts_text = " + ".join(f"[{s}, {e})" for s, e in r["cuts"]) or "-"
+            nll = f"{r['validation_nll']:.4f}" if "validation_nll" in r else ""
+            lines.append(f"| {r['n'] or ''} | {r['variant']} | {cuts_text} | {nll} | {cells[0]} | {cells[1]} |")
+        if proxies:
+            lines += ["", "Proxies against validation NLL (the union of each proxy's top combinations):", "",
+                      "| blocks | proxy | combinations | Spearman | its top 1 | top-1 NLL | best NLL |", "|---|---|---|---|---|---|---|"]
+            for p in proxies:
+                top1 = " + ".join(f"[{s}, {e})" for s, e in p["top1"])
+                lines.append(f"| {p['n']} | {p['proxy']} | {p['combinations']} | {p['spearman']:.2f} | {top1} | "
+                             f"{p['top1_validation_nll']:.4f} | {p['best_validation_nll']:.4f} |")
+        text = "\n".join(lines)
+        os.makedirs(OUT.value, exist_ok=True)
+        atomic_write_json(os.path.join(OUT.value, "budgets.json"), {"rows": rows, "proxies": proxies, "stats_s": stats_s,
+                                                                    "num_cuts": len(cuts)})
+        atomic_write_text(os.path.join(OUT.value, "budgets.md"), text + "\n")
+        return text
 
     for n in budgets:
         variants = [("single cut (residual rule)", base.replace(num_blocks=n), None),
@@ -102,6 +125,7 @@ def main(argv) -> int:
             rows.append({"n": n, "variant": name, "cuts": [list(c) for c in combo], "select_s":
                          round(time.perf_counter() - t, 1), "validation_nll": confirm(combo), **score(result.model)})
             print(rows[-1], flush=True)
+            write()
         if PROXY_TOP.value:
             ranked = {}
             for proxy, selection in (("stream", "residual"), ("relative", "residual"), ("angular", "angular")):
@@ -118,30 +142,9 @@ def main(argv) -> int:
                                 "top1_is_best": top[0][1] == best_combo,
                                 "top1_validation_nll": confirm(top[0][1]), "best_validation_nll": min(nll)})
                 print(proxies[-1], flush=True)
+                write()
 
-    lines = [f"{base.model}, {base.calibration.num_samples} {base.calibration.source} calibration passages, lstsq; "
-             f"{WINDOWS.value} windows x 1024 tokens per genre; validation NLL on "
-             f"{base.calibration.validation_samples} held-out calibration-source passages", "",
-             "| blocks | variant | cuts | validation NLL | Wikipedia ppl (x dense) | fiction ppl (x dense) |",
-             "|---|---|---|---|---|---|"]
-    for r in rows:
-        cells = [f"{r[g]:.2f} ({r[g] / dense[g]:.2f}x)" for g in genres]
-        cuts_text = " + ".join(f"[{s}, {e})" for s, e in r["cuts"]) or "-"
-        nll = f"{r['validation_nll']:.4f}" if "validation_nll" in r else ""
-        lines.append(f"| {r['n'] or ''} | {r['variant']} | {cuts_text} | {nll} | {cells[0]} | {cells[1]} |")
-    if proxies:
-        lines += ["", "Proxies against validation NLL (the union of each proxy's top combinations):", "",
-                  "| blocks | proxy | combinations | Spearman | its top 1 | top-1 NLL | best NLL |", "|---|---|---|---|---|---|---|"]
-        for p in proxies:
-            top1 = " + ".join(f"[{s}, {e})" for s, e in p["top1"])
-            lines.append(f"| {p['n']} | {p['proxy']} | {p['combinations']} | {p['spearman']:.2f} | {top1} | "
-                         f"{p['top1_validation_nll']:.4f} | {p['best_validation_nll']:.4f} |")
-    text = "\n".join(lines)
-    print(text)
-    os.makedirs(OUT.value, exist_ok=True)
-    atomic_write_json(os.path.join(OUT.value, "budgets.json"), {"rows": rows, "proxies": proxies, "stats_s": stats_s,
-                                                                "num_cuts": len(cuts)})
-    atomic_write_text(os.path.join(OUT.value, "budgets.md"), text + "\n")
+    print(write())
     return 0
 
 

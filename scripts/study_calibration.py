@@ -47,8 +47,7 @@ def main(argv) -> int:
         raise ReplaceMeError(f"unexpected arguments {argv[1:]}")
     from replaceme_jax.checkpoints import load_pretrained
     from replaceme_jax.data import load_calibration_texts
-    from replaceme_jax.data.corpora import heldout_fiction_texts
-    from replaceme_jax.eval.perplexity import HeldOutPerplexity
+    from replaceme_jax.eval.perplexity import held_out_genres
     from replaceme_jax.io_utils import atomic_write_json, atomic_write_text
     from replaceme_jax.replaceme import solvers
     from replaceme_jax.replaceme.cuts import parse_cuts
@@ -66,8 +65,7 @@ def main(argv) -> int:
     model, tok = load_pretrained(cfg.model, param_dtype=cfg.param_dtype, dtype=cfg.dtype)
     (cut,) = parse_cuts(CUT.value, model.config.num_hidden_layers)
     request = StatsRequest(cuts=(cut,), include_pad=cfg.calibration.include_pad, accum_dtype=cfg.accum_dtype)
-    genres = {"wikipedia": HeldOutPerplexity(tok, window=1024, max_windows=WINDOWS.value),
-              "fiction": HeldOutPerplexity(tok, heldout_fiction_texts(), window=1024, max_windows=WINDOWS.value)}
+    genres = held_out_genres(tok, max_windows=WINDOWS.value)
     score = lambda m: {g: e(m).ppl for g, e in genres.items()}  # noqa: E731
     dense = score(model)
     seed = cfg.calibration.seed
@@ -83,12 +81,27 @@ def main(argv) -> int:
 
     rows = []
 
+    def write():  # after every row, so a stopped study keeps what it measured
+        lines = [f"cut [{cut[0]}, {cut[1]}) of {cfg.model}, lstsq; {WINDOWS.value} windows x 1024 tokens per genre",
+                 "", "| study | source | passages | tokens | max length | rel. residual | Wikipedia ppl (x dense) "
+                 "| fiction ppl (x dense) | pass s |", "|---|---|---|---|---|---|---|---|---|",
+                 f"| dense | | | | | | {dense['wikipedia']:.2f} | {dense['fiction']:.2f} | |"]
+        for r in rows:
+            cells = [f"{r[g]:.2f} ({r[g] / dense[g]:.2f}x)" for g in genres]
+            lines.append(f"| {r['study']} | {r['source']} | {r['passages']} | {r['tokens']} | {r['max_length']} | "
+                         f"{r['relative_residual']:.4f} | {cells[0]} | {cells[1]} | {r['pass_s']} |")
+        os.makedirs(OUT.value, exist_ok=True)
+        atomic_write_json(os.path.join(OUT.value, "calibration.json"), {"cut": list(cut), "dense": dense, "rows": rows})
+        atomic_write_text(os.path.join(OUT.value, "calibration.md"), "\n".join(lines) + "\n")
+        return "\n".join(lines)
+
     def evaluate(stats, seconds, **labels):
         T = solvers.lstsq(stats.normal_equations(cut), alpha=cfg.alpha).T
         rows.append({**labels, "tokens": stats.num_tokens, "pass_s": round(seconds, 1),
                      "relative_residual": float(solvers.relative_residual(stats.normal_equations(cut), T)),
                      **score(apply_cuts(model, [cut], [T]))})
         print(rows[-1], flush=True)
+        write()
 
     # 1. Sizes: one pass over the largest set, in chunks, summed.
     first = sources[0] if sources else "boolq"
@@ -114,19 +127,7 @@ def main(argv) -> int:
         stats = gather_statistics(model, batches_from_texts(texts("boolq", n), tok, c), request)
         evaluate(stats, time.perf_counter() - t, study="max_length", source="boolq", passages=n, max_length=length)
 
-    lines = [f"cut [{cut[0]}, {cut[1]}) of {cfg.model}, lstsq; {WINDOWS.value} windows x 1024 tokens per genre", "",
-             "| study | source | passages | tokens | max length | rel. residual | Wikipedia ppl (x dense) | fiction ppl (x dense) | pass s |",
-             "|---|---|---|---|---|---|---|---|---|",
-             f"| dense | | | | | | {dense['wikipedia']:.2f} | {dense['fiction']:.2f} | |"]
-    for r in rows:
-        cells = [f"{r[g]:.2f} ({r[g] / dense[g]:.2f}x)" for g in genres]
-        lines.append(f"| {r['study']} | {r['source']} | {r['passages']} | {r['tokens']} | {r['max_length']} | "
-                     f"{r['relative_residual']:.4f} | {cells[0]} | {cells[1]} | {r['pass_s']} |")
-    text = "\n".join(lines)
-    print(text)
-    os.makedirs(OUT.value, exist_ok=True)
-    atomic_write_json(os.path.join(OUT.value, "calibration.json"), {"cut": list(cut), "dense": dense, "rows": rows})
-    atomic_write_text(os.path.join(OUT.value, "calibration.md"), text + "\n")
+    print(write())
     return 0
 
 

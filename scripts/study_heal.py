@@ -25,7 +25,10 @@ from replaceme_jax.errors import ReplaceMeError  # noqa: E402
 CONFIG = config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(__file__), "..", "configs", "smollm2_135m.py"),
                                          "Pipeline config (model, calibration, heal.*).")
 CUT = flags.DEFINE_string("cut", "12-20", "Cut start-end (end exclusive).")
-START = flags.DEFINE_enum("start", "replaceme", ["replaceme", "drop"], "What is healed: the lstsq model or the plain drop.")
+START = flags.DEFINE_enum("start", "replaceme", ["replaceme", "drop", "streamline"],
+                          "What is healed: the lstsq model, the plain drop, or LLM-Streamline (anchor block retrained).")
+STREAMLINE_STEPS = flags.DEFINE_integer("streamline_steps", 200, "--start=streamline: AdamW steps on the anchor block.")
+STREAMLINE_LR = flags.DEFINE_float("streamline_lr", 1e-4, "--start=streamline: peak learning rate.")
 EVAL_AT = flags.DEFINE_string("eval_at", "0,25,50,100,200", "Healing steps at which held-out perplexity is scored.")
 WINDOWS = flags.DEFINE_integer("ppl_windows", 4, "Perplexity windows of 1024 tokens per genre.")
 MAX_MINUTES = flags.DEFINE_float("max_minutes", 60.0, "Stop healing after this much healing time.")
@@ -39,9 +42,9 @@ class _OutOfTime(Exception):
 def main(argv) -> int:
     if len(argv) > 1:
         raise ReplaceMeError(f"unexpected arguments {argv[1:]}")
+    from replaceme_jax.baselines.streamline import streamline
     from replaceme_jax.checkpoints import load_pretrained
-    from replaceme_jax.data.corpora import heldout_fiction_texts
-    from replaceme_jax.eval.perplexity import HeldOutPerplexity
+    from replaceme_jax.eval.perplexity import held_out_genres
     from replaceme_jax.io_utils import atomic_write_json, atomic_write_text
     from replaceme_jax.replaceme.cuts import parse_cuts
     from replaceme_jax.replaceme.heal import heal
@@ -58,16 +61,20 @@ def main(argv) -> int:
         raise ReplaceMeError(f"--eval_at={EVAL_AT.value!r}: give step numbers, e.g. 0,50,100") from None
     model, tok = load_pretrained(cfg.model, param_dtype=cfg.param_dtype, dtype=cfg.dtype)
     (cut,) = parse_cuts(CUT.value, model.config.num_hidden_layers)
+    prepare_s = time.perf_counter()
     if START.value == "drop":
         student = apply_cuts(model, [cut])
+    elif START.value == "streamline":
+        student = streamline(model, calibration_batches(tok, cfg), cut, steps=STREAMLINE_STEPS.value,
+                             lr=STREAMLINE_LR.value, seed=cfg.calibration.seed).model
     else:
         student = prune(model, calibration_batches(tok, cfg), cfg, cuts=[cut]).model
+    prepare_s = time.perf_counter() - prepare_s  # pruning (and streamline's training), before healing
     h = cfg.heal
     heal_batches = calibration_batches(tok, cfg.replace(**{
         "calibration.num_samples": h.num_samples, "calibration.max_length": h.max_length,
         "calibration.batch_size": h.batch_size}))
-    genres = {"wikipedia": HeldOutPerplexity(tok, window=1024, max_windows=WINDOWS.value),
-              "fiction": HeldOutPerplexity(tok, heldout_fiction_texts(), window=1024, max_windows=WINDOWS.value)}
+    genres = held_out_genres(tok, max_windows=WINDOWS.value)
     score = lambda m: {g: e(m).ppl for g, e in genres.items()}  # noqa: E731
     dense = score(model)
     tokens_per = {id(b): int((b.attention_mask > 0).sum()) for b in heal_batches}
@@ -94,7 +101,7 @@ def main(argv) -> int:
     lines = [f"healing {START.value} at cut [{cut[0]}, {cut[1]}) of {cfg.model}: LoRA rank {h.rank} on blocks "
              f"{h.blocks} ({h.modules}), lr {h.lr}, {h.batch_size} x {h.max_length}-token packed rows per step "
              f"(~{mean_tokens:.0f} tokens) from {cfg.calibration.source}; {WINDOWS.value} windows x 1024 tokens per "
-             f"genre" + (f"; {stopped}" if stopped else ""), "",
+             f"genre; pruning took {prepare_s:.0f} s" + (f"; {stopped}" if stopped else ""), "",
              "| step | healing tokens | healing s | Wikipedia ppl (x dense) | fiction ppl (x dense) |", "|---|---|---|---|---|",
              f"| dense | | | {dense['wikipedia']:.2f} (1.00x) | {dense['fiction']:.2f} (1.00x) |"]
     for r in rows:
@@ -103,9 +110,10 @@ def main(argv) -> int:
     text = "\n".join(lines)
     print(text)
     os.makedirs(OUT.value, exist_ok=True)
-    name = "heal" if START.value == "replaceme" else "heal_drop"
+    name = "heal" if START.value == "replaceme" else f"heal_{START.value}"
     atomic_write_json(os.path.join(OUT.value, f"{name}.json"), {"dense": dense, "rows": rows, "cut": list(cut),
-                                                                 "heal": h.to_dict(), "stopped": stopped})
+                                                                 "heal": h.to_dict(), "stopped": stopped,
+                                                                 "prepare_s": prepare_s})
     atomic_write_text(os.path.join(OUT.value, f"{name}.md"), text + "\n")
     return 0
 

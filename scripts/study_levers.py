@@ -41,8 +41,7 @@ def main(argv) -> int:
     if len(argv) > 1:
         raise ReplaceMeError(f"unexpected arguments {argv[1:]}")
     from replaceme_jax.checkpoints import load_pretrained
-    from replaceme_jax.data.corpora import heldout_fiction_texts
-    from replaceme_jax.eval.perplexity import HeldOutPerplexity
+    from replaceme_jax.eval.perplexity import held_out_genres
     from replaceme_jax.io_utils import atomic_write_json, atomic_write_text
     from replaceme_jax.replaceme import selection as sel
     from replaceme_jax.replaceme.cuts import parse_cut_syntax, parse_cuts
@@ -68,8 +67,7 @@ def main(argv) -> int:
         stats = gather_statistics(model, batches, statistics_request(cfg, depth))
         (cut,) = sel.choose_cuts(sel.get_rule(cfg.selection)(stats, cfg.num_blocks, alpha=cfg.alpha), 1)
     stats_s = time.perf_counter() - t0
-    genres = {"wikipedia": HeldOutPerplexity(tok, window=1024, max_windows=WINDOWS.value),
-              "fiction": HeldOutPerplexity(tok, heldout_fiction_texts(), window=1024, max_windows=WINDOWS.value)}
+    genres = held_out_genres(tok, max_windows=WINDOWS.value)
     score = lambda m: {g: e(m).ppl for g, e in genres.items()}  # noqa: E731
     dense = score(model)
     rows = [{"variant": "dense", **dense}, {"variant": "drop (T = I)", **score(apply_cuts(model, [cut]))}]

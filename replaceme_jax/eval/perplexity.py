@@ -152,3 +152,11 @@ class HeldOutPerplexity:
     def __call__(self, model, progress: str | None = None) -> PerplexityResult:
         return perplexity(model, self.token_ids, window=self.window, stride=self.stride,
                           batch_size=self.batch_size, max_windows=self.max_windows, progress=progress)
+
+
+def held_out_genres(tokenizer, max_windows: int | None = None, window: int = DEFAULT_WINDOW) -> dict:
+    """The studies' two held-out genres, never used for calibration, selection or healing: the
+    Wikipedia excerpt and LAMBADA-OpenAI fiction, each a ``HeldOutPerplexity`` by name."""
+    from replaceme_jax.data.corpora import heldout_fiction_texts
+    return {"wikipedia": HeldOutPerplexity(tokenizer, window=window, max_windows=max_windows),
+            "fiction": HeldOutPerplexity(tokenizer, heldout_fiction_texts(), window=window, max_windows=max_windows)}

@@ -75,10 +75,12 @@ def apply_cuts(model: CausalLM, cuts: Sequence[Cut], transforms: Sequence | None
     return _rebuild(model, dropped, folded)
 
 
-def drop_blocks(model: CausalLM, indices: Iterable[int]) -> CausalLM:
+def drop_blocks(model: CausalLM, indices: Iterable[int], replaced: dict | None = None) -> CausalLM:
     """New model without the blocks ``indices``, contiguous or not, and no transform (ShortGPT, SLEB).
 
     Unlike ``apply_cuts`` no anchor block is needed, so block 0 and touching blocks may go too.
+    ``replaced``: new arrays for kept parameters, by their path in ``model`` (e.g. ``("model",
+    "layers", 11, "mlp", "down_proj", "kernel")``), same shapes (a baseline that retrains a block).
     """
     num_blocks = model.config.num_hidden_layers
     dropped = sorted({int(i) for i in indices})
@@ -87,7 +89,15 @@ def drop_blocks(model: CausalLM, indices: Iterable[int]) -> CausalLM:
         raise ReplaceMeError(f"cannot drop blocks {bad}: the model has blocks 0..{num_blocks - 1}")
     if len(dropped) >= num_blocks:
         raise ReplaceMeError(f"dropping {len(dropped)} of {num_blocks} blocks leaves none; drop fewer")
-    return _rebuild(model, dropped, {})
+    replaced = dict(replaced or {})
+    old = dict(nnx.to_flat_state(nnx.state(model)))
+    for path, value in replaced.items():
+        if path not in old or (path[:2] == ("model", "layers") and path[2] in dropped):
+            raise ReplaceMeError(f"cannot replace {'.'.join(map(str, path))}: not a kept parameter of the model")
+        if tuple(np.shape(value)) != tuple(old[path].get_value().shape):
+            raise ReplaceMeError(f"replacement for {'.'.join(map(str, path))} has shape {np.shape(value)}, "
+                                 f"the parameter {old[path].get_value().shape}")
+    return _rebuild(model, dropped, replaced)
 
 
 def _rebuild(model: CausalLM, dropped: Sequence[int], replaced: dict) -> CausalLM:

@@ -1,0 +1,60 @@
+"""The issue-20 study scripts run end to end on the real default model at toy sizes (slow: each is
+a subprocess that loads SmolLM2 and compiles its passes), and write their tables."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--config.calibration.num_samples=8", "--config.calibration.max_length=64",
+         "--config.calibration.validation_samples=2", "--ppl_windows=1"]
+pytestmark = pytest.mark.slow
+
+
+def _study(script, out, *args):
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / script), f"--output_dir={out}", *SMALL, *args],
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _finite_ppl(row):
+    return all(math.isfinite(row[g]) and row[g] > 1 for g in ("wikipedia", "fiction"))
+
+
+def test_calibration_study_sizes_sources_lengths(tmp_path):
+    _study("study_calibration.py", tmp_path, "--cut=12-14", "--sizes=4,8", "--sources=hellaswag,chat",
+           "--source_passages=4", "--max_lengths=32,64")
+    rows = json.loads((tmp_path / "calibration.json").read_text())["rows"]
+    assert [(r["study"], r.get("source"), r.get("max_length")) for r in rows] == [
+        ("size", "hellaswag", 64), ("size", "hellaswag", 64), ("source", "hellaswag", 64), ("source", "chat", 64),
+        ("max_length", "boolq", 32), ("max_length", "boolq", 64)]
+    sizes = [r for r in rows if r["study"] == "size"]
+    assert sizes[0]["tokens"] < sizes[1]["tokens"]  # nested sets: the chunks' sums add up
+    assert all(_finite_ppl(r) for r in rows)
+    table = (tmp_path / "calibration.md").read_text()
+    assert table.count("\n| ") == len(rows) + 2  # header, dense, one line per row
+
+
+def test_budget_study_single_proxy_confirmed(tmp_path):
+    _study("study_budgets.py", tmp_path, "--budgets=4", "--confirm=2", "--proxy_top=2")
+    report = json.loads((tmp_path / "budgets.json").read_text())
+    rows = [r for r in report["rows"] if r["n"] == 4]
+    assert len(rows) == 3 and all(sum(e - s for s, e in r["cuts"]) == 4 for r in rows)
+    # the confirmed variant is never worse on validation than the single cut (the single cut is a candidate)
+    assert rows[2]["validation_nll"] <= rows[0]["validation_nll"] + 1e-9
+    assert all(_finite_ppl(r) for r in rows)
+    assert {p["proxy"] for p in report["proxies"]} == {"stream", "relative", "angular"}
+
+
+@pytest.mark.parametrize("start", ["replaceme", "streamline"])
+def test_heal_study_rows_at_eval_steps(tmp_path, start):
+    _study("study_heal.py", tmp_path, "--cut=12-14", "--eval_at=0,2", "--config.heal.steps=2", f"--start={start}",
+           "--streamline_steps=3", "--config.heal.num_samples=4", "--config.heal.max_length=64",
+           "--config.heal.batch_size=2")
+    report = json.loads((tmp_path / ("heal.json" if start == "replaceme" else f"heal_{start}.json")).read_text())
+    assert [r["step"] for r in report["rows"]] == [0, 2] and report["stopped"] is None
+    assert report["rows"][1]["tokens"] > 0 and all(_finite_ppl(r) for r in report["rows"])
