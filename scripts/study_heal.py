@@ -3,11 +3,12 @@
     python scripts/study_heal.py --cut=12-20 --config.heal.steps=200 --eval_at=0,25,50,100,200
     python scripts/study_heal.py --cut=12-20 --start=drop      # the paper's UIDL + healing baseline
 
-Prunes one cut (ReplaceMe lstsq, or ``--start=drop``: the same blocks removed with no transform),
-then runs the healing stage (``heal.*`` settings of the config) and scores the model at the steps of
-``--eval_at`` on two held-out genres never used for calibration or healing (the Wikipedia excerpt and
-LAMBADA-OpenAI fiction). Healing stops early after ``--max_minutes`` of healing time (evaluation
-excluded), keeping the rows reached. Writes heal.json and heal.md.
+Prunes one cut (ReplaceMe lstsq; ``--start=drop``: the same blocks removed with no transform;
+``--start=streamline``: LLM-Streamline, the anchor block retrained to stand in for the cut), then runs
+the healing stage (``heal.*`` settings of the config) and scores the model at the steps of ``--eval_at``
+on two held-out genres never used for calibration or healing (the Wikipedia excerpt and LAMBADA-OpenAI
+fiction). Healing stops at the last ``--eval_at`` step, or earlier after ``--max_minutes`` of healing
+time (evaluation excluded), keeping the rows reached. Writes heal.json (heal_drop.json, ...) and .md.
 """
 from __future__ import annotations
 
@@ -36,6 +37,10 @@ OUT = flags.DEFINE_string("output_dir", "runs/heal", "Where heal.json and heal.m
 
 
 class _OutOfTime(Exception):
+    pass
+
+
+class _Done(Exception):
     pass
 
 
@@ -89,6 +94,8 @@ def main(argv) -> int:
             rows.append({"step": step, "tokens": int(step * mean_tokens), "heal_s": round(clock["heal"], 1),
                          **score(healed())})
             print(rows[-1], flush=True)
+        if step >= max(eval_at):
+            raise _Done  # no later row to score: stop healing here
         if clock["heal"] > 60 * MAX_MINUTES.value:
             raise _OutOfTime
         clock["since"] = time.perf_counter()
@@ -96,6 +103,8 @@ def main(argv) -> int:
     stopped = None
     try:
         heal(student, model, heal_batches, cfg, cuts=[cut], on_step=on_step)
+    except _Done:
+        pass
     except _OutOfTime:
         stopped = f"stopped after {MAX_MINUTES.value:g} minutes of healing"
     lines = [f"healing {START.value} at cut [{cut[0]}, {cut[1]}) of {cfg.model}: LoRA rank {h.rank} on blocks "
