@@ -328,6 +328,11 @@ def _at_least(key: str, value, low, hint: str = "") -> None:
         raise ReplaceMeError(f"{key}={value!r} must be at least {low}{hint}")
 
 
+def _positive(key: str, value, hint: str = "") -> None:
+    if not value > 0:  # also catches NaN
+        raise ReplaceMeError(f"{key}={value!r} must be positive{hint}")
+
+
 def _validate(s: Settings) -> None:
     if not s.model:
         raise ReplaceMeError("model is empty; give a registry name, a .gguf file, an HF directory or an "
@@ -372,14 +377,12 @@ def _validate(s: Settings) -> None:
     k = s.cosine
     _choice("cosine.init", k.init, COSINE_INIT)
     _choice("cosine.optimizer", k.optimizer, optimizers(), "optimizer")
-    if not k.lr > 0:
-        raise ReplaceMeError(f"cosine.lr={k.lr} must be positive (1e-4 by default)")
+    _positive("cosine.lr", k.lr, " (1e-4 by default)")
     _at_least("cosine.steps", k.steps, 1)
     _at_least("cosine.batch_size", k.batch_size, 1)
     _at_least("cosine.l1", k.l1, 0.0)
     _at_least("cosine.l2", k.l2, 0.0)
-    if not k.token_budget_mb > 0:
-        raise ReplaceMeError(f"cosine.token_budget_mb={k.token_budget_mb} must be positive")
+    _positive("cosine.token_budget_mb", k.token_budget_mb)
     _at_least("seed", s.seed, 0)
     if not s.output_dir:
         raise ReplaceMeError("output_dir is empty; give a directory for the run's outputs")
@@ -401,12 +404,10 @@ def _validate_heal(h: HealSettings) -> None:
     _at_least("heal.steps", h.steps, 0, " (optimiser steps of the healing stage; 0: off)")
     if not h.steps:
         return
-    if not h.lr > 0:
-        raise ReplaceMeError(f"heal.lr={h.lr} must be positive (5e-4 by default)")
+    _positive("heal.lr", h.lr, " (5e-4 by default)")
     _at_least("heal.warmup", h.warmup, 0)
     _at_least("heal.rank", h.rank, 1, " (adapter rank)")
-    if not h.lora_alpha > 0:
-        raise ReplaceMeError(f"heal.lora_alpha={h.lora_alpha} must be positive (the adapter scale is lora_alpha / rank)")
+    _positive("heal.lora_alpha", h.lora_alpha, " (the adapter scale is lora_alpha / rank)")
     _at_least("heal.num_samples", h.num_samples, 1)
     _at_least("heal.max_length", h.max_length, 2)
     _at_least("heal.batch_size", h.batch_size, 1)

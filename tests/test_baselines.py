@@ -12,12 +12,9 @@ from flax import nnx
 from replaceme_jax.baselines import methods as mth
 from replaceme_jax.baselines.shortgpt import block_influence, shortgpt_blocks
 from replaceme_jax.baselines.sleb import sleb_order
-from replaceme_jax.data import make_batches
 from replaceme_jax.errors import ReplaceMeError
 from replaceme_jax.eval.nll import mean_nll
 from replaceme_jax.experiments.statistics_cache import cached_statistics, load_statistics, restrict
-from replaceme_jax.models.config import ModelConfig
-from replaceme_jax.models.modeling import CausalLM
 from replaceme_jax.replaceme import selection, solvers
 from replaceme_jax.replaceme.cuts import candidate_cuts
 from replaceme_jax.replaceme.pipeline import prune
@@ -26,19 +23,14 @@ from replaceme_jax.replaceme.solvers import orth_diag
 from replaceme_jax.replaceme.statistics import StatsRequest, gather_statistics
 from replaceme_jax.replaceme.surgery import apply_cuts, drop_blocks
 from replaceme_jax.settings import Settings
+from tiny_models import tiny_model_and_batches
 
 L, D, V = 7, 16, 64
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = ModelConfig(vocab_size=V, hidden_size=D, intermediate_size=32, num_hidden_layers=L,
-                      num_attention_heads=2, num_key_value_heads=1)
-    model = CausalLM(cfg, rngs=nnx.Rngs(0))
-    rng = np.random.default_rng(0)
-    seqs = [rng.integers(0, V, size=int(k)) for k in rng.integers(5, 24, size=10)]
-    batches = make_batches(seqs, batch_size=4, max_length=24, buckets=(24,))
-    return model, batches
+    return tiny_model_and_batches(L, hidden=D, vocab=V)
 
 
 @nnx.jit

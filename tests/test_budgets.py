@@ -4,19 +4,16 @@ import itertools
 
 import numpy as np
 import pytest
-from flax import nnx
 
-from replaceme_jax.data import make_batches
 from replaceme_jax.errors import ReplaceMeError
 from replaceme_jax.eval.nll import mean_nll
-from replaceme_jax.models.config import ModelConfig
-from replaceme_jax.models.modeling import CausalLM
 from replaceme_jax.replaceme import solvers
 from replaceme_jax.replaceme.budgets import best_combinations, budget_cuts, cut_costs
 from replaceme_jax.replaceme.pipeline import prune
 from replaceme_jax.replaceme.statistics import gather_statistics, statistics_request
 from replaceme_jax.replaceme.surgery import apply_cuts
 from replaceme_jax.settings import Settings
+from tiny_models import tiny_model_and_batches
 
 L, D, V = 7, 16, 50
 
@@ -52,12 +49,7 @@ def test_k_best_search_equals_brute_force(depth, blocks):
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = ModelConfig(vocab_size=V, hidden_size=D, intermediate_size=32, num_hidden_layers=L,
-                      num_attention_heads=2, num_key_value_heads=1)
-    model = CausalLM(cfg, rngs=nnx.Rngs(1))
-    rng = np.random.default_rng(1)
-    seqs = [rng.integers(0, V, size=int(k)) for k in rng.integers(8, 24, size=24)]
-    batches = make_batches(seqs, batch_size=4, max_length=24, buckets=(24,))
+    model, batches = tiny_model_and_batches(L, hidden=D, vocab=V, sequences=24, min_len=8, seed=1)
     return model, batches[:4], batches[4:]
 
 

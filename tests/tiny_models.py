@@ -107,3 +107,17 @@ def word_tokenizer(num_words: int = 30) -> transformers.PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
                                                 bos_token="<s>", eos_token="</s>")
+
+
+def tiny_model_and_batches(num_blocks: int, *, hidden: int = 16, vocab: int = 64, sequences: int = 10,
+                           min_len: int = 5, seed: int = 0):
+    """(a small default-init CausalLM, static-shape batches of 4 x 24 of random token sequences):
+    the selection, budget and baseline tests' shared setup."""
+    from flax import nnx
+    from replaceme_jax.data import make_batches
+    from replaceme_jax.models.modeling import CausalLM
+    cfg = ModelConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=32, num_hidden_layers=num_blocks,
+                      num_attention_heads=2, num_key_value_heads=1)
+    rng = np.random.default_rng(seed)
+    seqs = [rng.integers(0, vocab, size=int(k)) for k in rng.integers(min_len, 24, size=sequences)]
+    return CausalLM(cfg, rngs=nnx.Rngs(seed)), make_batches(seqs, batch_size=4, max_length=24, buckets=(24,))
