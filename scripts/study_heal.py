@@ -2,6 +2,7 @@
 
     python scripts/study_heal.py --cut=12-20 --config.heal.steps=200 --eval_at=0,25,50,100,200
     python scripts/study_heal.py --cut=12-20 --start=drop      # the paper's UIDL + healing baseline
+    python scripts/study_heal.py --cut=12-20 --start=streamline   # LLM-Streamline (lr 1e-2) + healing
 
 Prunes one cut (ReplaceMe lstsq; ``--start=drop``: the same blocks removed with no transform;
 ``--start=streamline``: LLM-Streamline, the anchor block retrained to stand in for the cut), then runs
@@ -29,7 +30,7 @@ CUT = flags.DEFINE_string("cut", "12-20", "Cut start-end (end exclusive).")
 START = flags.DEFINE_enum("start", "replaceme", ["replaceme", "drop", "streamline"],
                           "What is healed: the lstsq model, the plain drop, or LLM-Streamline (anchor block retrained).")
 STREAMLINE_STEPS = flags.DEFINE_integer("streamline_steps", 200, "--start=streamline: AdamW steps on the anchor block.")
-STREAMLINE_LR = flags.DEFINE_float("streamline_lr", 1e-4, "--start=streamline: peak learning rate.")
+STREAMLINE_LR = flags.DEFINE_float("streamline_lr", 1e-2, "--start=streamline: peak learning rate.")
 EVAL_AT = flags.DEFINE_string("eval_at", "0,25,50,100,200", "Healing steps at which held-out perplexity is scored.")
 WINDOWS = flags.DEFINE_integer("ppl_windows", 4, "Perplexity windows of 1024 tokens per genre.")
 MAX_MINUTES = flags.DEFINE_float("max_minutes", 60.0, "Stop healing after this much healing time.")

@@ -56,9 +56,10 @@ def layer_pairs(model, batches, cut: Cut) -> list[tuple[jax.Array, jax.Array, ja
     return pairs
 
 
-def streamline(model, batches, cut: Cut, *, steps: int = 200, lr: float = 1e-4, warmup: int = 10,
+def streamline(model, batches, cut: Cut, *, steps: int = 200, lr: float = 1e-2, warmup: int = 10,
                seed: int = 0) -> StreamlineResult:
-    """Remove ``cut`` from ``model`` and train the anchor block to stand in for the removed run."""
+    """Remove ``cut`` from ``model`` and train the anchor block to stand in for the removed run.
+    ``lr`` 1e-2: the best of 1e-4 .. 1e-2 on SmolLM2's [12, 20) (docs/results.md, healing section)."""
     import optax
     if steps < 1 or not lr > 0:
         raise ReplaceMeError(f"streamline needs steps >= 1 and lr > 0 (got steps={steps}, lr={lr})")
