@@ -22,6 +22,7 @@ from flax import nnx
 
 from replaceme_jax.errors import ReplaceMeError
 from replaceme_jax.replaceme.cuts import Cut, validate_cuts
+from replaceme_jax.replaceme.heal import adamw_warmup_cosine, batch_order
 from replaceme_jax.replaceme.surgery import drop_blocks
 
 
@@ -73,8 +74,7 @@ def streamline(model, batches, cut: Cut, *, steps: int = 200, lr: float = 1e-2, 
     graph, init = nnx.split(model.model.layers[a])
     dtypes = jax.tree.map(lambda v: v.dtype, init)
     params = jax.tree.map(lambda v: v.astype(jnp.float32), init)  # trained in float32, cast back at the end
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(min(warmup, steps - 1), 0), steps, end_value=lr * 0.1)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
+    tx = adamw_warmup_cosine(lr, warmup, steps)
     opt_state = tx.init(params)
     inputs = model.attention_inputs  # reads only the config: RoPE tables and masks from the batch
 
@@ -90,10 +90,8 @@ def streamline(model, batches, cut: Cut, *, steps: int = 200, lr: float = 1e-2, 
         updates, opt_state = tx.update(grads, opt_state, p)
         return optax.apply_updates(p, updates), opt_state, loss
 
-    rng = np.random.default_rng(seed)
-    order = np.concatenate([rng.permutation(len(pairs)) for _ in range(-(-steps // len(pairs)))])[:steps]
     losses = []
-    for i in order:
+    for i in batch_order(len(pairs), steps, seed):
         params, opt_state, loss = step(params, opt_state, *pairs[i])
         losses.append(float(loss))
         if not np.isfinite(losses[-1]):

@@ -111,10 +111,11 @@ def distillation_loss(teacher_logits, student_logits, attention_mask):
     return jnp.sum(kl * valid) / jnp.maximum(jnp.sum(valid), 1.0)
 
 
-def _optimizer(h):
+def adamw_warmup_cosine(lr: float, warmup: int, steps: int):
+    """AdamW with linear warmup, cosine decay to lr/10 and global-norm clipping at 1 (healing and the
+    LLM-Streamline baseline)."""
     import optax
-    schedule = optax.warmup_cosine_decay_schedule(0.0, h.lr, max(min(h.warmup, h.steps - 1), 0), h.steps,
-                                                  end_value=h.lr * 0.1)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(min(warmup, steps - 1), 0), steps, end_value=lr * 0.1)
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
 
 
@@ -161,7 +162,7 @@ def heal(student, teacher, batches, settings, *, cuts: Sequence[Cut], directory=
     blocks = target_blocks(h.blocks, cuts, dense_depth, depth)
     modules = target_modules(h.modules)
     scale = h.lora_alpha / h.rank
-    tx = _optimizer(h)
+    tx = adamw_warmup_cosine(h.lr, h.warmup, h.steps)
     adapters = init_adapters(student, blocks, modules, h.rank, h.seed)
     opt_state = tx.init(adapters)
     start, losses = 0, []
@@ -171,7 +172,7 @@ def heal(student, teacher, batches, settings, *, cuts: Sequence[Cut], directory=
     s_graph, s_state = nnx.split(student)
     t_graph, t_state = nnx.split(teacher)
     step_fn = _make_step(s_graph, t_graph, tx, scale)
-    order = _batch_order(len(batches), h.steps, h.seed)
+    order = batch_order(len(batches), h.steps, h.seed)
     tokens_per = [int(np.sum(np.asarray(b.attention_mask) > 0)) for b in batches]
     t0 = time.perf_counter()
     bar = None
@@ -216,7 +217,7 @@ def fold(student, adapters, scale: float):
     return nnx.merge(graph, adapted_state(state, adapters, scale))
 
 
-def _batch_order(num_batches: int, steps: int, seed: int) -> np.ndarray:
+def batch_order(num_batches: int, steps: int, seed: int) -> np.ndarray:
     """Batch index of each step: a fresh permutation per pass over the batches, fixed by the seed."""
     rng = np.random.default_rng(seed)
     passes = -(-steps // num_batches)

@@ -90,7 +90,7 @@ def drop_blocks(model: CausalLM, indices: Iterable[int], replaced: dict | None =
     if len(dropped) >= num_blocks:
         raise ReplaceMeError(f"dropping {len(dropped)} of {num_blocks} blocks leaves none; drop fewer")
     replaced = dict(replaced or {})
-    old = dict(nnx.to_flat_state(nnx.state(model)))
+    old = dict(nnx.to_flat_state(nnx.state(model))) if replaced else {}  # SLEB calls this per candidate
     for path, value in replaced.items():
         if path not in old or (path[:2] == ("model", "layers") and path[2] in dropped):
             raise ReplaceMeError(f"cannot replace {'.'.join(map(str, path))}: not a kept parameter of the model")
