@@ -103,7 +103,10 @@ class BudgetSettings(_Section):
 
 @dataclasses.dataclass(frozen=True)
 class HealSettings(_Section):
-    steps: int = 0             # 0: no healing
+    steps: int = 0             # LoRA distillation steps; 0: none
+    anchor_steps: int = 0      # anchor tuning steps (each cut's anchor block retrained), before LoRA; 0: none
+    anchor_lr: float = 1e-2
+    anchor_loss: str = "token"  # token | mse (replaceme/anchor_tuning.py)
     lr: float = 5e-4
     warmup: int = 10
     rank: int = 16
@@ -401,7 +404,13 @@ def _validate(s: Settings) -> None:
 
 
 def _validate_heal(h: HealSettings) -> None:
-    _at_least("heal.steps", h.steps, 0, " (optimiser steps of the healing stage; 0: off)")
+    _at_least("heal.steps", h.steps, 0, " (LoRA distillation steps of the healing stage; 0: none)")
+    _at_least("heal.anchor_steps", h.anchor_steps, 0, " (anchor tuning steps of the healing stage; 0: none)")
+    if h.anchor_steps:
+        _positive("heal.anchor_lr", h.anchor_lr, " (1e-2 by default)")
+        _choice("heal.anchor_loss", h.anchor_loss, ("mse", "token"))
+        _at_least("heal.warmup", h.warmup, 0)
+        _at_least("heal.seed", h.seed, 0)
     if not h.steps:
         return
     _positive("heal.lr", h.lr, " (5e-4 by default)")

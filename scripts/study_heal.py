@@ -3,13 +3,17 @@
     python scripts/study_heal.py --cut=12-20 --config.heal.steps=200 --eval_at=0,25,50,100,200
     python scripts/study_heal.py --cut=12-20 --start=drop      # the paper's UIDL + healing baseline
     python scripts/study_heal.py --cut=12-20 --start=streamline   # LLM-Streamline (lr 1e-2) + healing
+    python scripts/study_heal.py --cut=12-20 --config.heal.anchor_steps=200   # ReplaceMe + anchor tuning + LoRA
 
 Prunes one cut (ReplaceMe lstsq; ``--start=drop``: the same blocks removed with no transform;
 ``--start=streamline``: LLM-Streamline, the anchor block retrained to stand in for the cut), then runs
-the healing stage (``heal.*`` settings of the config) and scores the model at the steps of ``--eval_at``
-on two held-out genres never used for calibration or healing (the Wikipedia excerpt and LAMBADA-OpenAI
-fiction). Healing stops at the last ``--eval_at`` step, or earlier after ``--max_minutes`` of healing
-time (evaluation excluded), keeping the rows reached. Writes heal.json (heal_drop.json, ...) and .md.
+the healing stage (``heal.*`` settings of the config): anchor tuning if ``heal.anchor_steps`` (the
+anchor retrained toward the dense stream like LLM-Streamline's, but from the pruned model's own
+anchor: after ReplaceMe, the block holding T), then LoRA distillation, scoring the model at the steps
+of ``--eval_at`` on two held-out genres never used for calibration or healing (the Wikipedia excerpt
+and LAMBADA-OpenAI fiction). Healing stops at the last ``--eval_at`` step, or earlier after
+``--max_minutes`` of healing time (evaluation excluded), keeping the rows reached. Writes heal.json
+(heal_drop.json, heal_tuned.json, ...) and .md.
 """
 from __future__ import annotations
 
@@ -49,6 +53,7 @@ def main(argv) -> int:
     if len(argv) > 1:
         raise ReplaceMeError(f"unexpected arguments {argv[1:]}")
     from replaceme_jax.baselines.streamline import streamline
+    from replaceme_jax.replaceme.anchor_tuning import tune_or_restore
     from replaceme_jax.checkpoints import load_pretrained
     from replaceme_jax.eval.perplexity import held_out_genres
     from replaceme_jax.io_utils import atomic_write_json, atomic_write_text
@@ -75,7 +80,9 @@ def main(argv) -> int:
                              lr=STREAMLINE_LR.value, seed=cfg.calibration.seed).model
     else:
         student = prune(model, calibration_batches(tok, cfg), cfg, cuts=[cut]).model
-    prepare_s = time.perf_counter() - prepare_s  # pruning (and streamline's training), before healing
+    if cfg.heal.anchor_steps:  # the healing stage's first part: the anchor retrained toward the dense stream
+        student = tune_or_restore(model, student, calibration_batches(tok, cfg), [cut], cfg)[0]
+    prepare_s = time.perf_counter() - prepare_s  # pruning (and any anchor training), before LoRA healing
     h = cfg.heal
     heal_batches = calibration_batches(tok, cfg.replace(**{
         "calibration.num_samples": h.num_samples, "calibration.max_length": h.max_length,
@@ -108,7 +115,9 @@ def main(argv) -> int:
         pass
     except _OutOfTime:
         stopped = f"stopped after {MAX_MINUTES.value:g} minutes of healing"
-    lines = [f"healing {START.value} at cut [{cut[0]}, {cut[1]}) of {cfg.model}: LoRA rank {h.rank} on blocks "
+    tuned = (f" + anchor tuning ({h.anchor_steps} steps, lr {h.anchor_lr}, {h.anchor_loss} loss)"
+             if h.anchor_steps else "")
+    lines = [f"healing {START.value}{tuned} at cut [{cut[0]}, {cut[1]}) of {cfg.model}: LoRA rank {h.rank} on blocks "
              f"{h.blocks} ({h.modules}), lr {h.lr}, {h.batch_size} x {h.max_length}-token packed rows per step "
              f"(~{mean_tokens:.0f} tokens) from {cfg.calibration.source}; {WINDOWS.value} windows x 1024 tokens per "
              f"genre; pruning took {prepare_s:.0f} s" + (f"; {stopped}" if stopped else ""), "",
@@ -120,7 +129,7 @@ def main(argv) -> int:
     text = "\n".join(lines)
     print(text)
     os.makedirs(OUT.value, exist_ok=True)
-    name = "heal" if START.value == "replaceme" else f"heal_{START.value}"
+    name = ("heal" if START.value == "replaceme" else f"heal_{START.value}") + ("_tuned" if h.anchor_steps else "")
     atomic_write_json(os.path.join(OUT.value, f"{name}.json"), {"dense": dense, "rows": rows, "cut": list(cut),
                                                                  "heal": h.to_dict(), "stopped": stopped,
                                                                  "prepare_s": prepare_s})

@@ -8,7 +8,7 @@ import pytest
 from replaceme_jax.errors import ReplaceMeError
 
 lm_eval = pytest.importorskip("lm_eval")
-import lm_eval.tasks  # noqa: E402
+import lm_eval.tasks  # noqa: E402,F811
 from lm_eval.tasks._yaml_loader import load_yaml  # noqa: E402
 
 from replaceme_jax.eval import tasks as T  # noqa: E402

@@ -1,6 +1,5 @@
 """The embedded default loaded from its GGUF by us vs transformers' own GGUF loader (fp32)."""
 import os
-import struct
 
 import numpy as np
 import pytest

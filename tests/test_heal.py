@@ -109,6 +109,9 @@ def test_heal_settings_errors():
                              ({"heal.steps": 5, "heal.modules": "ffn"}, "heal.modules"),
                              ({"heal.steps": 5, "heal.blocks": "x"}, "heal.blocks"),
                              ({"heal.steps": -1}, "heal.steps"),
-                             ({"heal.steps": 5, "heal.rank": 0}, "heal.rank")):
+                             ({"heal.steps": 5, "heal.rank": 0}, "heal.rank"),
+                             ({"heal.anchor_steps": -1}, "heal.anchor_steps"),
+                             ({"heal.anchor_steps": 5, "heal.anchor_lr": 0.0}, "heal.anchor_lr"),
+                             ({"heal.anchor_steps": 5, "heal.anchor_loss": "msee"}, "did you mean 'mse'")):
         with pytest.raises(ReplaceMeError, match=message):
             Settings().replace(**changes)

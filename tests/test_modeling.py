@@ -20,7 +20,6 @@ transformers = pytest.importorskip("transformers")
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask  # noqa: E402
 
 from replaceme_jax.checkpoints.hf import load_hf  # noqa: E402
-from replaceme_jax.errors import ReplaceMeError  # noqa: E402
 from replaceme_jax.models.modeling import attention_bias, layer_windows  # noqa: E402
 from tiny_models import FAMILIES, SMALL, padded_batch, randomize, reference_pair  # noqa: E402
 

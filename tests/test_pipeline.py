@@ -128,15 +128,16 @@ def test_multi_cut_one_pass_vs_sequential():
 
 
 def test_budget_and_healing_end_to_end(tmp_path):
-    """The main job with a split budget and the healing stage: the report lists the combinations
-    confirmed on validation text, the healed model is saved, and a re-run resumes the healing."""
+    """The main job with a split budget and the healing stage (anchor tuning, then LoRA): the report
+    lists the combinations confirmed on validation text, the healed model is saved, and a re-run
+    reuses the tuned anchors and resumes the healing to the same model."""
     import os
     from replaceme_jax.checkpoints import load_pretrained
     cfg = small_config(tmp_path, **{"budget.blocks": 4, "budget.min_cut_blocks": 2, "budget.confirm": 2,
                                     "eval.perplexity_windows": 1,
                                     "calibration.validation_samples": 4, "heal.steps": 2, "heal.num_samples": 8,
                                     "heal.max_length": 64, "heal.batch_size": 2, "heal.checkpoint_every": 1,
-                                    "export_hf": False})
+                                    "heal.anchor_steps": 3, "export_hf": False})
     result, report = run(cfg)
     assert sum(e - s for s, e in result.cuts) == 4 and result.model.config.num_hidden_layers == 26
     considered = report["budget"]["candidates"]
@@ -144,10 +145,15 @@ def test_budget_and_healing_end_to_end(tmp_path):
     best = min(considered, key=lambda c: c["validation_nll"])
     assert best["cuts"] == [f"{s}-{e}" for s, e in result.cuts]
     assert report["heal"]["steps"] == 2 and report["heal"]["resumed_from"] == 0
+    assert report["anchor_tuning"]["restored"] is False and len(report["anchor_tuning"]["final_loss"]) == len(result.cuts)
     assert {"pruned", "unhealed", "dense"} <= set(report["heldout_perplexity"])
     saved, _ = load_pretrained(os.path.join(cfg.output_dir, "orbax"))
     assert saved.config.num_hidden_layers == 26
     assert os.path.exists(cfg.output_dir + ".heal/heal_run.json")
     cfg.overwrite = True  # the same command again: the finished healing state is reused, not redone
-    _, again = run(cfg)
+    result_again, again = run(cfg)
     assert again["heal"]["resumed_from"] == 2 and again["cuts"] == report["cuts"]
+    assert again["anchor_tuning"]["restored"] is True
+    from flax import nnx
+    for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(result.model)), nnx.to_flat_state(nnx.state(result_again.model))):
+        np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(path))

@@ -50,11 +50,24 @@ def test_budget_study_single_proxy_confirmed(tmp_path):
     assert {p["proxy"] for p in report["proxies"]} == {"stream", "relative", "angular"}
 
 
-@pytest.mark.parametrize("start", ["replaceme", "streamline"])
-def test_heal_study_rows_at_eval_steps(tmp_path, start):
+@pytest.mark.parametrize("start,anchor_steps", [("replaceme", 0), ("streamline", 0), ("replaceme", 3)])
+def test_heal_study_rows_at_eval_steps(tmp_path, start, anchor_steps):
     _study("study_heal.py", tmp_path, "--cut=12-14", "--eval_at=0,2", "--config.heal.steps=2", f"--start={start}",
            "--streamline_steps=3", "--config.heal.num_samples=4", "--config.heal.max_length=64",
-           "--config.heal.batch_size=2")
-    report = json.loads((tmp_path / ("heal.json" if start == "replaceme" else f"heal_{start}.json")).read_text())
+           "--config.heal.batch_size=2", f"--config.heal.anchor_steps={anchor_steps}")
+    name = ("heal" if start == "replaceme" else f"heal_{start}") + ("_tuned" if anchor_steps else "")
+    report = json.loads((tmp_path / f"{name}.json").read_text())
     assert [r["step"] for r in report["rows"]] == [0, 2] and report["stopped"] is None
     assert report["rows"][1]["tokens"] > 0 and all(_finite_ppl(r) for r in report["rows"])
+
+
+def test_anchor_study_rows_and_bad_runs(tmp_path):
+    _study("study_anchor.py", tmp_path, "--cut=12-14", "--steps=3", "--runs=replaceme:token:1e-3,drop:mse:1e-3")
+    report = json.loads((tmp_path / "anchor.json").read_text())
+    assert [(r["start"], r["loss"], r["lr"]) for r in report["rows"]] == [
+        ("replaceme", None, None), ("replaceme", "token", 1e-3), ("drop", "mse", 1e-3)]
+    assert all(_finite_ppl(r) and math.isfinite(r["validation_nll"]) for r in report["rows"])
+    assert (tmp_path / "anchor.md").read_text().count("**") == 2  # the validation best is marked
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "study_anchor.py"), "--runs=replaceme:l1:1e-3"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1 and "start:loss:lr" not in proc.stderr and "loss mse or token" in proc.stderr

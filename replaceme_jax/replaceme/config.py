@@ -52,8 +52,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.budget.min_cut_blocks = 1     # shortest cut of a combination
     c.budget.proxy = "stream"       # stream | relative: per-cut cost summed over a combination
     c.budget.confirm = 4            # top combinations (+ the best single cut) scored by validation NLL
-    c.heal = ml_collections.ConfigDict()  # optional distillation after pruning (off: steps = 0)
-    c.heal.steps = 0                # optimiser steps; resumable (state in <output_dir>.heal)
+    c.heal = ml_collections.ConfigDict()  # optional training after pruning (off: both step counts 0)
+    c.heal.anchor_steps = 0         # first: each cut's anchor block retrained toward the dense stream
+    c.heal.anchor_lr = 1e-2
+    c.heal.anchor_loss = "token"    # token (every token weighs the same) | mse (LLM-Streamline's)
+    c.heal.steps = 0                # then: LoRA distillation steps; resumable (state in <output_dir>.heal)
     c.heal.lr = 5e-4
     c.heal.warmup = 10
     c.heal.rank = 16                # LoRA rank; adapters are folded into W at the end

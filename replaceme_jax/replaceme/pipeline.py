@@ -292,7 +292,14 @@ def run(cfg) -> tuple[PruneResult, dict]:
                              f"the folded transforms of cuts {result.cuts} ({cfg.solver}) are the likely cause: "
                              "try accum_dtype=float64, dtype=float32 or a ridge alpha")
 
-    unhealed, healed = None, None
+    unhealed, healed, anchors = None, None, None
+    if cfg.heal.anchor_steps:
+        from replaceme_jax.replaceme.anchor_tuning import tune_or_restore
+        with timer("heal", f"anchor tuning ({cfg.heal.anchor_steps} steps; state in {heal_directory(cfg)})"):
+            tuned_model, anchors = tune_or_restore(model, result.model, batches, result.cuts, cfg,
+                                                   directory=heal_directory(cfg))
+        unhealed = result.model
+        result = dataclasses.replace(result, model=tuned_model)
     if cfg.heal.steps:
         from replaceme_jax.replaceme.heal import heal
         with timer("calibration_data", f"healing text ({cfg.heal.num_samples} passages of {cfg.calibration.source})"):
@@ -302,17 +309,23 @@ def run(cfg) -> tuple[PruneResult, dict]:
         with timer("heal", f"healing ({cfg.heal.steps} steps; state in {heal_directory(cfg)})"):
             healed = heal(result.model, model, heal_batches, cfg, cuts=result.cuts, directory=heal_directory(cfg),
                           progress=cfg.progress)
-        unhealed = result.model
+        unhealed = result.model if unhealed is None else unhealed
         result = dataclasses.replace(result, model=healed.model)
-        bad = non_finite_parameters(result.model)
-        if bad:
-            raise ReplaceMeError(f"healing left non-finite values in {bad[0][0]}; nothing was saved. Lower heal.lr")
+    if unhealed is not None and (bad := non_finite_parameters(result.model)):
+        raise ReplaceMeError(f"healing left non-finite values in {bad[0][0]}; nothing was saved. Lower heal.lr "
+                             "(LoRA) or heal.anchor_lr (anchor tuning)")
 
     evaluation = {}
     if cfg.eval.perplexity_windows:
         with timer("evaluate", "held-out perplexity (dense, pruned" + (", drop)" if cfg.eval.compare_drop else ")")):
             evaluation = rep.heldout_perplexities(model, result, tokenizer, cfg, unhealed=unhealed)
     report = rep.build_report(cfg, model, result, batches, evaluation, timer.times)
+    if cfg.heal.anchor_steps:
+        report["anchor_tuning"] = {"steps": cfg.heal.anchor_steps, "lr": cfg.heal.anchor_lr, "loss": cfg.heal.anchor_loss,
+                                   "restored": anchors is None,
+                                   "seconds": round(anchors.seconds, 1) if anchors is not None else None,
+                                   "final_loss": ({f"{s}-{e}": v[-1] for (s, e), v in anchors.losses.items()}
+                                                  if anchors is not None else None)}
     if healed is not None:
         report["heal"] = {"steps": healed.steps, "tokens": healed.tokens, "resumed_from": healed.resumed_from,
                           "blocks": healed.blocks, "modules": healed.modules, "seconds": round(healed.seconds, 1),
