@@ -145,7 +145,9 @@ def test_budget_and_healing_end_to_end(tmp_path):
     best = min(considered, key=lambda c: c["validation_nll"])
     assert best["cuts"] == [f"{s}-{e}" for s, e in result.cuts]
     assert report["heal"]["steps"] == 2 and report["heal"]["resumed_from"] == 0
-    assert report["anchor_tuning"]["restored"] is False and len(report["anchor_tuning"]["final_loss"]) == len(result.cuts)
+    tuning = report["anchor_tuning"]
+    assert tuning["restored"] is False and len(tuning["final_loss"]) == len(result.cuts)
+    assert tuning["kept"] == (tuning["validation_nll"]["after"] < tuning["validation_nll"]["before"])
     assert {"pruned", "unhealed", "dense"} <= set(report["heldout_perplexity"])
     saved, _ = load_pretrained(os.path.join(cfg.output_dir, "orbax"))
     assert saved.config.num_hidden_layers == 26
@@ -157,3 +159,20 @@ def test_budget_and_healing_end_to_end(tmp_path):
     from flax import nnx
     for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(result.model)), nnx.to_flat_state(nnx.state(result_again.model))):
         np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(path))
+
+
+def test_anchor_tuning_that_overfits_is_not_kept(tmp_path, capsys):
+    """A diverging anchor tuning (absurd lr) raises the validation NLL: the untuned model is saved."""
+    cfg = small_config(tmp_path, **{"cuts": "12-20", "heal.anchor_steps": 4, "heal.anchor_lr": 3.0, "heal.warmup": 0,
+                                    "calibration.validation_samples": 4, "eval.perplexity_windows": 0,
+                                    "export_hf": False})
+    result, report = run(cfg)
+    assert report["anchor_tuning"]["kept"] is False
+    assert report["anchor_tuning"]["validation_nll"]["after"] > report["anchor_tuning"]["validation_nll"]["before"]
+    assert "untuned anchors are kept" in capsys.readouterr().err
+    from flax import nnx
+    from replaceme_jax.checkpoints import load_pretrained
+    from replaceme_jax.replaceme.surgery import apply_cuts
+    plain = apply_cuts(load_pretrained(cfg.model)[0], result.cuts, result.transforms)
+    for (_, a), (_, b) in zip(nnx.to_flat_state(nnx.state(result.model)), nnx.to_flat_state(nnx.state(plain))):
+        np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()))

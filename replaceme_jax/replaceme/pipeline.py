@@ -295,11 +295,22 @@ def run(cfg) -> tuple[PruneResult, dict]:
     unhealed, healed, anchors = None, None, None
     if cfg.heal.anchor_steps:
         from replaceme_jax.replaceme.anchor_tuning import tune_or_restore
+        from replaceme_jax.eval.nll import mean_nll
         with timer("heal", f"anchor tuning ({cfg.heal.anchor_steps} steps; state in {heal_directory(cfg)})"):
             tuned_model, anchors = tune_or_restore(model, result.model, batches, result.cuts, cfg,
                                                    directory=heal_directory(cfg))
-        unhealed = result.model
-        result = dataclasses.replace(result, model=tuned_model)
+            if validation is None:
+                validation = calibration_batches(tokenizer, cfg, part="validation",
+                                                 num_samples=cfg.calibration.validation_samples)
+            # Kept only if it generalises: with little calibration text and a high lr the block overfits.
+            anchor_nll = {"before": mean_nll(result.model, validation), "after": mean_nll(tuned_model, validation)}
+        if anchor_nll["after"] < anchor_nll["before"]:
+            unhealed = result.model
+            result = dataclasses.replace(result, model=tuned_model)
+        else:
+            print(f"[replaceme] warning: anchor tuning raised the validation NLL ({anchor_nll['before']:.4f} -> "
+                  f"{anchor_nll['after']:.4f}); the untuned anchors are kept. Give more calibration text "
+                  "(calibration.num_samples) or a lower heal.anchor_lr", file=sys.stderr, flush=True)
     if cfg.heal.steps:
         from replaceme_jax.replaceme.heal import heal
         with timer("calibration_data", f"healing text ({cfg.heal.num_samples} passages of {cfg.calibration.source})"):
@@ -322,7 +333,8 @@ def run(cfg) -> tuple[PruneResult, dict]:
     report = rep.build_report(cfg, model, result, batches, evaluation, timer.times)
     if cfg.heal.anchor_steps:
         report["anchor_tuning"] = {"steps": cfg.heal.anchor_steps, "lr": cfg.heal.anchor_lr, "loss": cfg.heal.anchor_loss,
-                                   "restored": anchors is None,
+                                   "restored": anchors is None, "kept": anchor_nll["after"] < anchor_nll["before"],
+                                   "validation_nll": anchor_nll,
                                    "seconds": round(anchors.seconds, 1) if anchors is not None else None,
                                    "final_loss": ({f"{s}-{e}": v[-1] for (s, e), v in anchors.losses.items()}
                                                   if anchors is not None else None)}
