@@ -105,7 +105,7 @@ class BudgetSettings(_Section):
 class HealSettings(_Section):
     steps: int = 0             # LoRA distillation steps; 0: none
     anchor_steps: int = 0      # anchor tuning steps (each cut's anchor block retrained), before LoRA; 0: none
-    anchor_lr: float = 1e-2
+    anchor_lr: float = 3e-3
     anchor_loss: str = "token"  # token | mse (replaceme/anchor_tuning.py)
     lr: float = 5e-4
     warmup: int = 10
@@ -407,7 +407,7 @@ def _validate_heal(h: HealSettings) -> None:
     _at_least("heal.steps", h.steps, 0, " (LoRA distillation steps of the healing stage; 0: none)")
     _at_least("heal.anchor_steps", h.anchor_steps, 0, " (anchor tuning steps of the healing stage; 0: none)")
     if h.anchor_steps:
-        _positive("heal.anchor_lr", h.anchor_lr, " (1e-2 by default)")
+        _positive("heal.anchor_lr", h.anchor_lr, " (3e-3 by default)")
         _choice("heal.anchor_loss", h.anchor_loss, ("mse", "token"))
         _at_least("heal.warmup", h.warmup, 0)
         _at_least("heal.seed", h.seed, 0)

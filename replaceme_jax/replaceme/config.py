@@ -54,7 +54,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.budget.confirm = 4            # top combinations (+ the best single cut) scored by validation NLL
     c.heal = ml_collections.ConfigDict()  # optional training after pruning (off: both step counts 0)
     c.heal.anchor_steps = 0         # first: each cut's anchor block retrained toward the dense stream
-    c.heal.anchor_lr = 1e-2
+    c.heal.anchor_lr = 3e-3          # 1e-2 overfits SmolLM2 (docs/results.md, anchor tuning)
     c.heal.anchor_loss = "token"    # token (every token weighs the same) | mse (LLM-Streamline's)
     c.heal.steps = 0                # then: LoRA distillation steps; resumable (state in <output_dir>.heal)
     c.heal.lr = 5e-4
