@@ -126,3 +126,69 @@ def test_on_done_reports_every_pair_once():
     assert sorted(i for i, _ in seen) == list(range(len(pairs)))
     for i, lp in seen:
         assert lp == logprob[i]
+
+
+def _trie_nodes(pairs):
+    """Distinct prefixes of the model inputs (context + continuation without its last token)."""
+    return len({tuple(c + k[:-1])[:j] for c, k in pairs for j in range(1, len(c) + len(k))})
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral-window", "qwen3-qknorm"])
+def test_shared_prefixes_of_different_contexts_run_once(family):
+    """WinoGrande's shape: the options differ inside the context (few-shot examples and sentence
+    start shared, then the option, then a shared continuation), and PIQA's: answers that begin
+    alike. Every distinct prefix is fed once, and scores equal one plain row per pair."""
+    model = _model(family)
+    rng = np.random.RandomState(3)
+    pairs = []
+    for _ in range(6):
+        shots = tuple(rng.randint(3, VOCAB, rng.randint(10, 30)))
+        tail = tuple(rng.randint(3, VOCAB, 4))
+        for option in range(2):
+            pairs.append((shots + tuple(rng.randint(3, VOCAB, rng.randint(1, 4))), tail))
+        goal = tuple(rng.randint(3, VOCAB, 5))
+        start = tuple(rng.randint(3, VOCAB, 6))
+        for _ in range(2):
+            pairs.append((goal, start + tuple(rng.randint(3, VOCAB, rng.randint(1, 6)))))
+    scorer = TokenScorer(model, max_length=128, max_batch_tokens=512)
+    logprob, greedy = scorer.score_pairs(pairs)
+    for (ctx, cont), lp, g, (ref_lp, ref_g) in zip(pairs, logprob, greedy, _reference(model, pairs)):
+        assert abs(lp - ref_lp) < 1e-4 * max(1.0, len(cont)), (family, lp, ref_lp)
+        assert g == ref_g
+    assert scorer.tokens_fed == _trie_nodes(pairs)
+    contexts_once = sum(len(c) for c in {c for c, _ in pairs}) + sum(len(k) - 1 for _, k in pairs)
+    assert scorer.tokens_fed < 0.75 * contexts_once
+
+
+def test_unrelated_inputs_sharing_a_few_tokens_stay_apart():
+    """Inputs that share only a short opening (a title, "Question:") are separate items: merging
+    them would save two tokens each and make one long item."""
+    from replaceme_jax.eval.scoring import _build_items
+    model = _model("llama")
+    rng = np.random.RandomState(4)
+    pairs = [((5, 6) + tuple(rng.randint(3, VOCAB, 30)), (7,)) for _ in range(8)]
+    assert len(_build_items(pairs, 256)[0]) == 8
+    scorer = TokenScorer(model, max_length=256, max_batch_tokens=512)
+    logprob, _ = scorer.score_pairs(pairs)
+    assert scorer.tokens_fed == sum(len(c) for c, _ in pairs)
+    for lp, (ref, _) in zip(logprob, _reference(model, pairs)):
+        assert abs(lp - ref) < 1e-4
+
+
+def test_row_width_follows_the_items():
+    """Items of ~150 tokens: a power-of-two 256-token row would be 41 % padding; the scorer picks
+    the width its cost model prefers and runs little padding."""
+    model = _model("llama")
+    rng = np.random.RandomState(5)
+    pairs = [(tuple(rng.randint(3, VOCAB, int(rng.randint(140, 160)))), (9, 10)) for _ in range(40)]
+    scorer = TokenScorer(model, max_length=1024, max_batch_tokens=2048)
+    scorer.score_pairs(pairs)
+    assert scorer.positions_run < 1.3 * scorer.tokens_fed, (scorer.positions_run, scorer.tokens_fed, scorer.shapes)
+    assert all(width != 256 for _, width in scorer.shapes), scorer.shapes
+    # The cost model's choice is no worse than any single row width it considered.
+    from replaceme_jax.eval.scoring import _build_items
+    items, _ = _build_items(pairs, scorer.buckets[-1])
+    chosen = scorer.cost(scorer._pack(items))
+    for floor in scorer.buckets:
+        if floor <= scorer.max_batch_tokens:
+            assert chosen <= scorer.cost(scorer._fill(sorted(items, key=lambda it: -len(it.tokens)), floor))
