@@ -121,7 +121,8 @@ def run_main(main: Callable[[list[str]], int | None]) -> None:
     interrupts.install()
 
     def guarded(argv):
-        from replaceme_jax import logs
+        from replaceme_jax import compile_cache, logs
+        compile_cache.enable()
         # absl's own --verbosity (-v): 0 (default) keeps library INFO chatter (Orbax, the TPU probe)
         # off; --verbosity=1 lets it through, 2 is DEBUG.
         logs.configure(max(int(flags.FLAGS["verbosity"].value), 0) if "verbosity" in flags.FLAGS else 0)

@@ -26,10 +26,13 @@ _MODEL = flags.DEFINE_string("model", "smollm2-135m", "Registry name or checkpoi
 _TASKS = flags.DEFINE_string("tasks", DEFAULT_TASKS, "Comma-separated task names (see scripts/evaluate.py).")
 _ITEMS = flags.DEFINE_integer("items", 100, "Random items per task (the same for both backends).")
 _SEED = flags.DEFINE_integer("seed", 1234, "Seed of the item draw.")
-_HF_BATCH = flags.DEFINE_integer("hf_batch_size", 16, "Batch size of the HF backend.")
+_HF_BATCH = flags.DEFINE_list("hf_batch_sizes", ["1", "16"], "Batch sizes of the HF backend, each run and "
+                              "compared (1 is the harness's default, 16 a tuned setting).")
 _HF_SOFTMAX = flags.DEFINE_enum("hf_softmax_dtype", "float32", ["float32", "float64"],
                                 "Log-softmax dtype of the HF backend (float64 is slower and more exact).")
 _MAX_LENGTH = flags.DEFINE_integer("max_length", 2048, "Context window of both backends.")
+_WARM = flags.DEFINE_boolean("warm", True, "Also time ours a second time per task (compiled shapes reused): the "
+                             "rate a long evaluation approaches, where compilation is amortised.")
 _OUTPUT = flags.DEFINE_string("output_dir", None, "Optional directory for bench_eval.json.")
 
 
@@ -83,51 +86,69 @@ def main(argv) -> int:
     datasets.disable_progress_bars()
     specs = resolve_tasks(_TASKS.value)
     manager = task_manager(specs)
+    import jax
+    jax.config.update("jax_enable_compilation_cache", False)  # "cold" means compiled in this run
     model, tokenizer = load_pretrained(_MODEL.value)
-    rows, totals = [], {"ours": [0, 0.0], "hf": [0, 0.0]}
+    hf_batches = [int(b) for b in _HF_BATCH.value]
+    if not hf_batches or min(hf_batches) < 1:
+        raise ReplaceMeError(f"--hf_batch_sizes must be positive integers, got {_HF_BATCH.value}")
+    rows, totals = [], {"ours": [0, 0.0], "warm": [0, 0.0], **{b: [0, 0.0] for b in hf_batches}}
     with tempfile.TemporaryDirectory() as tmp:
         path = save_hf(model, os.path.join(tmp, "hf"), tokenizer=tokenizer, dtype="float32")
         model, tokenizer = load_pretrained(str(path))
         ours = ReplaceMeJaxLM(model=model, tokenizer=tokenizer, max_length=_MAX_LENGTH.value)
-        hf = HFLM(pretrained=str(path), dtype="float32", softmax_dtype=_HF_SOFTMAX.value,
-                  max_length=_MAX_LENGTH.value, batch_size=_HF_BATCH.value, device="cpu")
+        hf = {b: HFLM(pretrained=str(path), dtype="float32", softmax_dtype=_HF_SOFTMAX.value,
+                      max_length=_MAX_LENGTH.value, batch_size=b, device="cpu") for b in hf_batches}
         full_cost = 0.0
         for spec in specs:
             samples = item_samples(spec, manager, _ITEMS.value, _SEED.value)
-            res_o, wall_o, cpu_o = _run(ours, spec, manager, samples)
-            res_h, wall_h, cpu_h = _run(hf, spec, manager, samples)
             n = sum(len(v) for v in samples.values())
-            ll_o, ll_h = _loglikelihoods(res_o), _loglikelihoods(res_h)
-            diff = max(abs(a - b) for k in ll_o for a, b in zip(ll_o[k], ll_h[k]))
-            m_o, m_h = _task_metrics(res_o, spec)[spec.metric], _task_metrics(res_h, spec)[spec.metric]
+            res_o, wall_o, cpu_o = _run(ours, spec, manager, samples)
+            ll_o, m_o = _loglikelihoods(res_o), _task_metrics(res_o, spec)[spec.metric]
+            cpu_w = _run(ours, spec, manager, samples)[2] if _WARM.value else cpu_o
             everything = sum(len(v) for v in item_samples(spec, manager, None, 0).values())
-            full_cost += everything / (n / cpu_o)
-            rows.append({"task": spec.name, "items": n, "all_items": everything,
-                         "ours_items_per_cpu_s": n / cpu_o, "hf_items_per_cpu_s": n / cpu_h,
-                         "ratio": cpu_h / cpu_o, "ours_wall_s": wall_o, "hf_wall_s": wall_h,
-                         "ours_cpu_s": cpu_o, "hf_cpu_s": cpu_h, "max_abs_ll_diff": diff,
-                         "metric": spec.metric, "ours_metric": m_o, "hf_metric": m_h})
+            full_cost += everything / (n / cpu_w)
+            row = {"task": spec.name, "items": n, "all_items": everything, "ours_items_per_cpu_s": n / cpu_o,
+                   "ours_warm_items_per_cpu_s": n / cpu_w, "ours_wall_s": wall_o, "ours_cpu_s": cpu_o,
+                   "ours_warm_cpu_s": cpu_w, "metric": spec.metric, "ours_metric": m_o, "hf": {}}
             totals["ours"][0] += n
             totals["ours"][1] += cpu_o
-            totals["hf"][0] += n
-            totals["hf"][1] += cpu_h
-            print(f"[bench_eval] {spec.name}: {n} items, ours {cpu_o:.0f} CPU-s, HF {cpu_h:.0f} CPU-s", flush=True)
-    header = ("| task | items | ours items/CPU-s | HF items/CPU-s | ours / HF | max abs Δ loglik | "
-              "metric ours / HF |\n|---|---|---|---|---|---|---|")
-    lines = [header] + [
-        f"| {r['task']} | {r['items']} | {r['ours_items_per_cpu_s']:.2f} | {r['hf_items_per_cpu_s']:.2f} | "
-        f"{r['ratio']:.2f}x | {r['max_abs_ll_diff']:.1e} | {r['ours_metric']:.3f} / {r['hf_metric']:.3f} |"
-        for r in rows]
-    ours_rate = totals["ours"][0] / totals["ours"][1]
-    hf_rate = totals["hf"][0] / totals["hf"][1]
-    lines.append(f"| **all** | {totals['ours'][0]} | {ours_rate:.2f} | {hf_rate:.2f} | "
-                 f"**{totals['hf'][1] / totals['ours'][1]:.2f}x** | | |")
+            totals["warm"][0] += n
+            totals["warm"][1] += cpu_w
+            for b, lm in hf.items():
+                res_h, wall_h, cpu_h = _run(lm, spec, manager, samples)
+                ll_h = _loglikelihoods(res_h)
+                diff = max(abs(x - y) for k in ll_o for x, y in zip(ll_o[k], ll_h[k]))
+                row["hf"][b] = {"items_per_cpu_s": n / cpu_h, "ratio": cpu_h / cpu_o, "warm_ratio": cpu_h / cpu_w,
+                                "wall_s": wall_h,
+                                "cpu_s": cpu_h, "max_abs_ll_diff": diff,
+                                "metric": _task_metrics(res_h, spec)[spec.metric]}
+                totals[b][0] += n
+                totals[b][1] += cpu_h
+            rows.append(row)
+            print(f"[bench_eval] {spec.name}: {n} items, ours {cpu_o:.0f} CPU-s, "
+                  + ", ".join(f"HF batch {b} {r['cpu_s']:.0f} CPU-s" for b, r in row["hf"].items()), flush=True)
+    hf_cols = "".join(f" HF b{b} items/CPU-s | ours / HF b{b} (cold, warm) |" for b in hf_batches)
+    header = (f"| task | items | ours items/CPU-s (cold, warm) |{hf_cols} max abs Δ loglik | metric ours / HF |\n"
+              f"|---|---|---|{'---|---|' * len(hf_batches)}---|---|")
+    lines = [header]
+    for r in rows:
+        cells = "".join(f" {h['items_per_cpu_s']:.2f} | {h['ratio']:.2f}x, {h['warm_ratio']:.2f}x |"
+                        for h in r["hf"].values())
+        diff = max(h["max_abs_ll_diff"] for h in r["hf"].values())
+        metrics = " / ".join(f"{h['metric']:.3f}" for h in r["hf"].values())
+        lines.append(f"| {r['task']} | {r['items']} | {r['ours_items_per_cpu_s']:.2f}, "
+                     f"{r['ours_warm_items_per_cpu_s']:.2f} |{cells} {diff:.1e} | {r['ours_metric']:.3f} / {metrics} |")
+    rate = {k: v[0] / v[1] for k, v in totals.items()}
+    cells = "".join(f" {rate[b]:.2f} | **{rate['ours'] / rate[b]:.2f}x, {rate['warm'] / rate[b]:.2f}x** |"
+                    for b in hf_batches)
+    lines.append(f"| **all** | {totals['ours'][0]} | {rate['ours']:.2f}, {rate['warm']:.2f} |{cells} | |")
     print("\n".join(lines))
-    print(f"Every item of these tasks ({sum(r['all_items'] for r in rows):,}) at the rates measured here: "
-          f"ours {full_cost / 3600:.2f} CPU-hours per model.")
+    print(f"Every item of these tasks ({sum(r['all_items'] for r in rows):,}) at the {'warm ' if _WARM.value else ''}"
+          f"rates measured here: ours {full_cost / 3600:.2f} CPU-hours per model.")
     print(f"Model {_MODEL.value} (float32, exported once, read by both); HF backend log-softmax "
-          f"{_HF_SOFTMAX.value}, batch {_HF_BATCH.value}; {_ITEMS.value} items per task, seed {_SEED.value}; "
-          f"{_cpu_name()}, {os.cpu_count()} cores.")
+          f"{_HF_SOFTMAX.value}, batch sizes {', '.join(map(str, hf_batches))}; {_ITEMS.value} items per task, "
+          f"seed {_SEED.value}; {_cpu_name()}, {os.cpu_count()} cores.")
     if _OUTPUT.value:
         os.makedirs(_OUTPUT.value, exist_ok=True)
         out = os.path.join(_OUTPUT.value, "bench_eval.json")

@@ -157,3 +157,21 @@ def test_script_reports_bad_settings_in_one_line(tmp_path):
         capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown methods ['magic']")
+
+
+def test_sweep_saves_each_pruned_model(tiny_with_tokenizer, tmp_path):
+    """save_models=True: each row's pruned model is a Hugging Face checkpoint that loads back with
+    the row's depth and the same weights (for lm-eval or scripts/evaluate.py)."""
+    from replaceme_jax.checkpoints import load_pretrained
+    model, tokenizer = tiny_with_tokenizer
+    cfg = small_cfg(tmp_path / "sweep", methods="drop,sleb", num_blocks="2")
+    cfg.save_models = True
+    rows = runner.run_sweep(cfg, model, tokenizer, log=lambda _: None)
+    pruned = [r for r in rows if r["method"] != "dense"]
+    assert len(pruned) == 2
+    for r in pruned:
+        loaded, _ = load_pretrained(str(tmp_path / "sweep" / "models" / r["id"] / "hf"))
+        assert loaded.config.num_hidden_layers == 5 - 2
+        kept = [k for k in range(5) if k not in r["removed_blocks"]]
+        want = np.asarray(model.model.layers[kept[-1]].mlp.down_proj.kernel[...])
+        assert np.array_equal(np.asarray(loaded.model.layers[2].mlp.down_proj.kernel[...]), want)

@@ -76,6 +76,7 @@ def sweep_config():
     c.eval.max_batch_tokens = 4096
 
     c.output_dir = "runs/ablation"
+    c.save_models = False         # True: every row's pruned model as <output_dir>/models/<row>/hf (for lm-eval)
     c.overwrite = False           # True: drop the rows of a sweep that had other fixed settings
     c.plots = True
     c.progress = True
@@ -343,8 +344,16 @@ class Sweep:
                       "cuts": [list(c) for c in result.cuts], "num_blocks": result.model.config.num_hidden_layers,
                       "residuals": result.info.get("residuals"), "selection_scores": result.info.get("scores"),
                       "prune_seconds": round(prune_seconds, 1), **evaluation}
+            if self.cfg.save_models:
+                self._save_model(row.id, result.model)
             self._save_row(row.id, record)
             self.log(f"[{row.id}] blocks {result.removed}: {_summary(evaluation)}, {prune_seconds:.0f} s prune")
+
+    def _save_model(self, name: str, model):
+        """The row's pruned model as a Hugging Face checkpoint (atomic; a re-run replaces it)."""
+        from replaceme_jax.checkpoints.hf import save_hf
+        path = save_hf(model, self.out / "models" / name / "hf", tokenizer=self.tokenizer, overwrite=True)
+        self.log(f"[{name}] saved {path}")
 
 
 def pruned_identity(result) -> dict:
