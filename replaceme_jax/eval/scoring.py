@@ -40,7 +40,9 @@ from replaceme_jax.models.modeling import ATTENTION_CHUNK, layer_windows, parame
 _MASK_VALUE = float(np.finfo(np.float32).min)
 MIN_SCORED_BUCKET = 64  # smallest padded count of scored positions per batch
 HEAD_CHUNK = 256  # scored positions per step of the LM head (bounds the [P, vocab] logits)
-ATTENTION_SLOWDOWN = 3.0  # attention FLOPs run this much slower than the projections on CPU
+# Attention FLOPs run this much slower than the projections on CPU: SmolLM2's blocks took 1.30 ms
+# per position in 128-token rows and 1.43 ms in 512-token rows (2 cores), 160 more keys per query.
+ATTENTION_SLOWDOWN = 2.0
 # A request joins its lexicographic neighbours' item when they share at least this fraction of its
 # input: sharing a few tokens (a title, "Question:") would merge unrelated requests into long
 # items, whose wide rows make every query read more keys than the shared tokens save.
@@ -245,7 +247,7 @@ class TokenScorer:
         c = model.config
         # Cost of one attention key per query, relative to a position's block matmuls: its FLOPs
         # (q.k and p.v over all heads) over the block's, times how much slower the small batched
-        # attention matmuls run than the projections on CPU (about 3x, measured on SmolLM2).
+        # attention matmuls run than the projections (ATTENTION_SLOWDOWN).
         self.key_cost = (ATTENTION_SLOWDOWN * 4 * c.num_attention_heads * c.head_dim
                          / (2 * parameter_count(c)[1]))
         self._graphdef, self._state = nnx.split(model)
