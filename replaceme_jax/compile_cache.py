@@ -5,7 +5,8 @@ step) is written under ``$REPLACEME_JAX_CACHE/xla`` (default ``~/.cache/replacem
 back by the next run of any script instead of being compiled again: a resumed evaluation, a second
 model of the same architecture in another process, the main job run twice. JAX keys each entry by
 the program, the compiler flags and the jax/jaxlib versions, so a stale entry is never used.
-``REPLACEME_JAX_XLA_CACHE=0`` turns it off.
+``REPLACEME_JAX_XLA_CACHE=0`` turns it off. An entry left half-written by a killed run is not
+trusted: JAX warns, compiles afresh and runs on; deleting the directory clears such entries.
 """
 from __future__ import annotations
 
