@@ -73,24 +73,18 @@ def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def _allowed_bias(q, k, window):
-    """Additive bias from per-query (index, position) and per-key (index, subtree end, position)
-    arrays that broadcast against each other. Items are prefix trees laid out depth first, so a
-    key is an ancestor of a query (or the query itself) exactly when the query lies between the
-    key and the key's subtree end; ``window`` limits the RoPE distance as a sliding window does.
-    Padding has subtree end -1: no query sees it, and its own outputs are never read."""
-    (qi, qp), (ki, ke, kp) = q, k
-    allowed = (ki <= qi) & (qi <= ke)
-    if window is not None:
-        allowed = allowed & (qp - kp < window)
-    return jnp.where(allowed, 0.0, _MASK_VALUE).astype(jnp.float32)
-
-
 def tree_attention_bias(ends, positions, window: int | None = None):
-    """Additive bias [B, T, T] for rows of packed prefix-tree items (see ``_allowed_bias``)."""
-    index = jnp.broadcast_to(jnp.arange(ends.shape[-1]), ends.shape)
-    return _allowed_bias((index[:, :, None], positions[:, :, None]),
-                         (index[:, None, :], ends[:, None, :], positions[:, None, :]), window)
+    """Additive bias [B, T, T] for rows of packed prefix-tree items. Items are laid out depth
+    first, so a key is an ancestor of a query (or the query itself) exactly when the query lies
+    between the key and the key's subtree end (``ends``); ``window`` limits the RoPE distance as a
+    sliding window does. Padding has subtree end -1: no query sees it, and its own outputs are
+    never read."""
+    t = ends.shape[-1]
+    qi, ki = jnp.arange(t)[None, :, None], jnp.arange(t)[None, None, :]
+    allowed = (ki <= qi) & (qi <= ends[:, None, :])
+    if window is not None:
+        allowed = allowed & (positions[:, :, None] - positions[:, None, :] < window)
+    return jnp.where(allowed, 0.0, _MASK_VALUE).astype(jnp.float32)
 
 
 # The graph definition is static: models of one architecture (e.g. every pruned model with the
@@ -261,6 +255,11 @@ class TokenScorer:
     def batch_size_for(self, bucket: int) -> int:
         return max(1, min(self.max_batch_size, self.max_batch_tokens // bucket))
 
+    @staticmethod
+    def _rows_run(rows: int, full: int) -> int:
+        """Rows a batch of ``rows`` runs as: a full batch, or a power of two (bounded shapes)."""
+        return full if rows == full else min(full, _pow2_at_least(rows))
+
     # ------------------------------------------------------------------ packing
     def _fill(self, items: list[_Item], floor: int) -> list[_Row]:
         """Best fit, longest first, into rows at least ``floor`` wide: each item goes to the open
@@ -292,7 +291,7 @@ class TokenScorer:
         total = 0.0
         for width, n in counts.items():
             full = self.batch_size_for(width)
-            run = (n // full) * full + (min(full, _pow2_at_least(n % full)) if n % full else 0)
+            run = (n // full) * full + (self._rows_run(n % full, full) if n % full else 0)
             keys = (width + ATTENTION_CHUNK) / 2 if width >= 2 * ATTENTION_CHUNK else width
             total += run * width * (1 + self.key_cost * keys)
         return total
@@ -323,7 +322,7 @@ class TokenScorer:
 
     def _run(self, batch: list[_Row]):
         width, full = batch[0].width, self.batch_size_for(batch[0].width)
-        n_rows = full if len(batch) == full else min(full, _pow2_at_least(len(batch)))
+        n_rows = self._rows_run(len(batch), full)
         ids = np.zeros((n_rows, width), np.int32)
         ends = np.full((n_rows, width), -1, np.int32)
         pos = np.zeros((n_rows, width), np.int32)
