@@ -49,7 +49,8 @@ def child(spec: dict) -> dict:
     gc.collect()
     reset = _reset_peak()
     before = _status_kib("VmRSS")
-    result = prune(model, batches, cfg)
+    from benchmarks.speed import paper_method
+    result = prune(model, batches, paper_method(cfg))
     peak = _status_kib("VmHWM")
     d = model.config.hidden_size
     buffer_tokens = (result.solves[0].info or {}).get("tokens") if cfg.solver != "lstsq" else None

@@ -267,11 +267,29 @@ def run_requests(cfg, depth: int) -> list:
     return [first, StatsRequest(cuts=tuple(cuts), include_pad=first.include_pad, accum_dtype=first.accum_dtype)]
 
 
+def refit_memory(config: ModelConfig, request, batch_shape: Sequence[int], **kw) -> MemoryModel:
+    """The anchor kernel re-fit's pass (``replaceme/refit.py``) for one cut of ``request``: the blocks
+    to the cut's end like a one-cut statistics pass, with d_ff x d_ff and d_ff x d sums instead
+    (split by rows over every device like the pass's d x d sums)."""
+    base = statistics_memory(config, dataclasses.replace(request, cuts=request.cuts[:1], max_distance_blocks=0),
+                             batch_shape, **kw)
+    sizes = dict(zip(sh.MESH_AXES, (int(x) for x in kw.get("mesh_shape", (1, 1)))))
+    rule_table = sh.rule_set(kw.get("rules", "fsdp"))
+    f, d = config.intermediate_size, config.hidden_size
+    acc = jnp.dtype(base.accum_dtype)
+    shapes = [(1, f, f), (1, f, d)]
+    accumulators = sum(2 * _shard_bytes(s, acc, sh.ACCUMULATOR, rule_table, sizes) for s in shapes)
+    return dataclasses.replace(base, accumulators=accumulators, partial_sums=sum(_nbytes(s, acc) for s in shapes))
+
+
 def run_memory(cfg, config: ModelConfig, batch_shape: Sequence[int], backend: str | None = None) -> MemoryModel:
-    """The memory model of a run config's largest statistics pass."""
-    models = [statistics_memory(config, request, batch_shape, mesh_shape=_mesh_shape(cfg),
-                                rules=cfg.mesh.get("rules", "fsdp"), backend=backend)
-              for request in run_requests(cfg, config.num_hidden_layers)]
+    """The memory model of a run config's largest pass (statistics, and the anchor kernel re-fit's)."""
+    kw = dict(mesh_shape=_mesh_shape(cfg), rules=cfg.mesh.get("rules", "fsdp"), backend=backend)
+    requests = run_requests(cfg, config.num_hidden_layers)
+    models = [statistics_memory(config, request, batch_shape, **kw) for request in requests]
+    refit = cfg.get("refit", {})
+    if refit.get("anchor", False) and requests[-1].cuts:
+        models.append(refit_memory(config, requests[-1], batch_shape, **kw))
     return max(models, key=lambda m: m.peak)
 
 
@@ -302,4 +320,4 @@ def dry_run(cfg, backend: str | None = None) -> MemoryModel:
 
 
 __all__ = ["MemoryModel", "statistics_memory", "compile_statistics_step", "xla_memory", "device_peak_bytes",
-           "dry_run", "run_memory", "run_requests", "run_memory_report", "format_bytes"]
+           "dry_run", "run_memory", "refit_memory", "run_requests", "run_memory_report", "format_bytes"]

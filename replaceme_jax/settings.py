@@ -121,6 +121,12 @@ class HealSettings(_Section):
 
 
 @dataclasses.dataclass(frozen=True)
+class RefitSettings(_Section):
+    anchor: bool = True        # re-fit each cut's anchor down_proj in closed form (replaceme/refit.py)
+    alpha_grid: str = "1e-6,1e-5,1e-4,1e-3,1e-2,inf"  # relative ridge toward W T; inf keeps W T
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalSettings(_Section):
     perplexity_windows: int = 16
     window: int = 1024
@@ -156,6 +162,7 @@ class Settings(_Section):
     alpha_grid: str = ""               # comma list of relative ridge strengths chosen on validation text
     multi_cut: str = "auto"
     budget: BudgetSettings = BudgetSettings()
+    refit: RefitSettings = RefitSettings()
     heal: HealSettings = HealSettings()
     cosine: CosineSettings = CosineSettings()
     seed: int = 0
@@ -376,6 +383,9 @@ def _validate(s: Settings) -> None:
         s.alpha_values()
     _choice("multi_cut", s.multi_cut, MULTI_CUT)
     _validate_budget(s)
+    if s.refit.anchor:
+        from replaceme_jax.replaceme.refit import parse_grid
+        parse_grid(s.refit.alpha_grid)
     _validate_heal(s.heal)
     k = s.cosine
     _choice("cosine.init", k.init, COSINE_INIT)

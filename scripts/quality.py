@@ -55,7 +55,9 @@ def main(argv) -> int:
                      "relative_residual": 1.0})
         for solver in SOLVERS.value:
             t = time.perf_counter()
-            result = prune(model, batches, cfg.replace(solver=solver, progress=False), stats=stats, cuts=[cut])
+            # T alone: this study compares the estimators of T (the kernel re-fit: study_levers.py)
+            result = prune(model, batches, cfg.replace(solver=solver, progress=False, **{"refit.anchor": False}),
+                           stats=stats, cuts=[cut])
             rows.append({"rule": rule, "cut": label, "method": solver, "ppl": ppl(result.model).ppl,
                          "relative_residual": result.residuals[0],
                          "solve_s": round(time.perf_counter() - t, 1)})

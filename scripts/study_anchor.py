@@ -74,7 +74,7 @@ def main(argv) -> int:
     genres = held_out_genres(tok, max_windows=WINDOWS.value)
     dense = {g: e(model).ppl for g, e in genres.items()}
     t0 = time.perf_counter()
-    starts = {"replaceme": prune(model, batches, cfg, cuts=[cut]).model}
+    starts = {"replaceme": prune(model, batches, cfg, cuts=[cut], validation=validation).model}
     replaceme_s = time.perf_counter() - t0
     starts["drop"] = apply_cuts(model, [cut])
     rows = []

@@ -79,7 +79,8 @@ def main(argv) -> int:
         student = streamline(model, calibration_batches(tok, cfg), cut, steps=STREAMLINE_STEPS.value,
                              lr=STREAMLINE_LR.value, seed=cfg.calibration.seed).model
     else:
-        student = prune(model, calibration_batches(tok, cfg), cfg, cuts=[cut]).model
+        student = prune(model, calibration_batches(tok, cfg), cfg, cuts=[cut], validation=calibration_batches(
+            tok, cfg, part="validation", num_samples=cfg.calibration.validation_samples)).model
     if cfg.heal.anchor_steps:  # the healing stage's first part: the anchor retrained toward the dense stream
         student = tune_or_restore(model, student, calibration_batches(tok, cfg), [cut], cfg)[0]
     prepare_s = time.perf_counter() - prepare_s  # pruning (and any anchor training), before LoRA healing

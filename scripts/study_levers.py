@@ -1,13 +1,16 @@
-"""Which lever moves quality on one cut: the transform's estimator, its ridge, a cosine warm start.
+"""Which lever moves quality on one cut: the transform's estimator, its ridge, a cosine warm start,
+the anchor kernel re-fit.
 
     python scripts/study_levers.py                       # the main job's settings and cut
     python scripts/study_levers.py --cut=12-20 --ppl_windows=8
+    python scripts/study_levers.py --cut=12-20 --only=re-fit    # a subset of the variants
 
 The cut is chosen once by the main job's rule (or given with --cut); every variant prunes the same
-cut from the same calibration pass and is scored on two held-out genres never used for selection or
-fitting: the Wikipedia excerpt (the report's corpus) and LAMBADA-OpenAI passages (fiction). The
+cut from the same calibration pass (the anchor kernel re-fit adds its own pass over the cut) and is
+scored on two held-out genres never used for selection or fitting: the Wikipedia excerpt (the report's corpus) and LAMBADA-OpenAI passages (fiction). The
 ridge of the alpha_grid variants is chosen by the residual on the calibration source's validation
-split (``calibration.validation_samples`` passages). Writes levers.json and levers.md.
+split (``calibration.validation_samples`` passages), as is the kernel re-fit's ridge toward W T (its
+"chosen α" column; inf: W T kept). Writes levers.json and levers.md.
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ CONFIG = config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(
 CUT = flags.DEFINE_string("cut", "", "Cut start-end (end exclusive); empty: the config's selection rule picks it.")
 WINDOWS = flags.DEFINE_integer("ppl_windows", 8, "Perplexity windows of 1024 tokens per genre.")
 OUT = flags.DEFINE_string("output_dir", "runs/levers", "Where levers.json and levers.md go.")
+ONLY = flags.DEFINE_string("only", "", "Run only the variants whose name contains this text (e.g. 're-fit'); "
+                           "dense and drop are always scored.")
 GRID = "0,1e-4,1e-3,1e-2,1e-1,1"
 VARIANTS = [  # (name, settings overrides)
     ("lstsq (default)", {}),
@@ -34,6 +39,8 @@ VARIANTS = [  # (name, settings overrides)
     ("ridge -> I, alpha on validation", {"alpha_grid": GRID, "ridge_target": "identity"}),
     ("cosine, warm start from lstsq", {"solver": "cosine", "cosine.init": "lstsq"}),
     ("cosine_accurate, warm start from lstsq", {"solver": "cosine_accurate", "cosine.init": "lstsq"}),
+    ("lstsq + anchor kernel re-fit, alpha on validation", {"refit.anchor": True}),
+    ("ridge -> I + anchor kernel re-fit", {"alpha_grid": GRID, "ridge_target": "identity", "refit.anchor": True}),
 ]
 
 
@@ -51,7 +58,10 @@ def main(argv) -> int:
     from replaceme_jax.settings import Settings
 
     cfg = Settings.from_config(CONFIG.value).replace(progress=False)
-    for _, overrides in VARIANTS:  # every variant's settings are checked before the model loads
+    variants = [(n, o) for n, o in VARIANTS if ONLY.value in n]
+    if not variants:
+        raise ReplaceMeError(f"--only={ONLY.value!r} matches no variant; names: {[n for n, _ in VARIANTS]}")
+    for _, overrides in variants:  # every variant's settings are checked before the model loads
         cfg.replace(**overrides)
     if CUT.value:
         parse_cut_syntax(CUT.value)
@@ -71,16 +81,21 @@ def main(argv) -> int:
     score = lambda m: {g: e(m).ppl for g, e in genres.items()}  # noqa: E731
     dense = score(model)
     rows = [{"variant": "dense", **dense}, {"variant": "drop (T = I)", **score(apply_cuts(model, [cut]))}]
-    for name, overrides in VARIANTS:
+    for name, overrides in variants:
         t = time.perf_counter()
         result = prune(model, batches, cfg.replace(**overrides), stats=stats, cuts=[cut], validation=validation)
         info = result.solves[0].info
+        alpha = info.get("alpha_relative")
+        if result.refits:  # the re-fit's own ridge (toward W T); inf: W T kept
+            alpha = result.refits[0].alpha_relative
         rows.append({"variant": name, "solve_s": round(time.perf_counter() - t, 1),
-                     "relative_residual": result.residuals[0], "alpha_relative": info.get("alpha_relative"),
+                     "relative_residual": result.refits[0].train_residual if result.refits else result.residuals[0],
+                     "alpha_relative": alpha,
+                     "refit": result.refits[0].summary() if result.refits else None,
                      **score(result.model)})
     lines = [f"cut [{cut[0]}, {cut[1]}) of {cfg.model} ({cfg.calibration.num_samples} {cfg.calibration.source} "
              f"passages; {WINDOWS.value} windows x 1024 tokens per genre)", "",
-             "| variant | Wikipedia ppl (x dense) | fiction ppl (x dense) | rel. residual | chosen α (x tr/d) | solve s |",
+             "| variant | Wikipedia ppl (x dense) | fiction ppl (x dense) | rel. residual (calibration) | chosen α | solve s |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         cells = [f"{r[g]:.2f} ({r[g] / dense[g]:.2f}x)" for g in genres]

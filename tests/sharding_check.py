@@ -173,12 +173,14 @@ def prune(mesh: str):
     model = CausalLM(CONFIG, rngs=nnx.Rngs(0))
     cfg = default_config()
     cfg.cuts, cfg.num_blocks, cfg.candidates, cfg.progress = "1-3", 2, "selected", False
-    single = run_prune(model, _batches(), cfg)
+    cfg.refit.alpha_grid = "1e-3"  # always the re-fitted kernel, so the mesh's sums are what is compared
+    single = run_prune(model, _batches(), cfg, validation=_batches())
     cfg.mesh.data, cfg.mesh.model = (int(x) for x in shape.split("x"))
     cfg.mesh.rules = rules
-    sharded = run_prune(model, _batches(), cfg)
+    sharded = run_prune(model, _batches(), cfg, validation=_batches())
     plan = sh.plan_from_config(cfg)
     return {"rel_T": _rel(sharded.transforms[0], single.transforms[0]),
+            "rel_kernel": _rel(sharded.refits[0].kernel, single.refits[0].kernel),
             "pruned_on_plan": all(v.get_value().sharding == plan.place(p, v.get_value())
                                   for p, v in param_items(sharded.model)),
             "blocks": sharded.model.config.num_hidden_layers}

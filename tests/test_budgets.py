@@ -92,8 +92,8 @@ def test_budget_prune_confirms_the_best_combination_on_validation(tiny):
 def test_one_cut_budget_is_the_residual_rule(tiny):
     model, train, _ = tiny
     budget = Settings().replace(**{"budget.blocks": 3, "budget.max_cuts": 1, "budget.confirm": 0,
-                                   "budget.proxy": "relative", "progress": False})
-    plain = Settings().replace(num_blocks=3, progress=False)
+                                   "budget.proxy": "relative", "progress": False, "refit.anchor": False})
+    plain = Settings().replace(num_blocks=3, progress=False, **{"refit.anchor": False})
     assert prune(model, train, budget).cuts == prune(model, train, plain).cuts
 
 

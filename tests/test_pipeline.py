@@ -117,6 +117,7 @@ def test_multi_cut_one_pass_vs_sequential():
                            batch_size=8, max_length=20)
     c = default_config()
     c.num_blocks, c.num_transforms, c.merge_consecutive, c.progress = 2, 2, False, False
+    c.refit.anchor = False  # the transforms themselves are compared
     c.multi_cut = "one_pass"
     one = prune(model, batches, c)
     c.multi_cut = "sequential"
@@ -173,6 +174,7 @@ def test_anchor_tuning_that_overfits_is_not_kept(tmp_path, capsys):
     from flax import nnx
     from replaceme_jax.checkpoints import load_pretrained
     from replaceme_jax.replaceme.surgery import apply_cuts
-    plain = apply_cuts(load_pretrained(cfg.model)[0], result.cuts, result.transforms)
+    assert result.refits and not result.refits[0].kept_prior  # the default re-fit is part of the untuned model
+    plain = apply_cuts(load_pretrained(cfg.model)[0], result.cuts, result.transforms, [f.kernel for f in result.refits])
     for (_, a), (_, b) in zip(nnx.to_flat_state(nnx.state(result.model)), nnx.to_flat_state(nnx.state(plain))):
         np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()))

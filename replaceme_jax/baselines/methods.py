@@ -71,7 +71,8 @@ def replaceme(model, batches, stats: Statistics, n: int, *, solver: str = "lstsq
               validation=None, scores: dict[Cut, float] | None = None, cfg=None) -> MethodResult:
     """ReplaceMe with any solver: cuts from ``rule`` (or the cached ``scores``), then ``pipeline.prune``
     on them. ``cfg``: the run's settings for everything else (the token solvers' optimiser, the
-    multi-cut mode); None: the defaults, with the pass's pad and accumulation settings."""
+    multi-cut mode); None: the defaults, with the pass's pad and accumulation settings and the paper's
+    T alone (no anchor kernel re-fit). A ``cfg`` with ``refit.anchor`` needs ``validation``."""
     from replaceme_jax.replaceme.pipeline import prune
     if solver not in SOLVER_NAMES:
         raise ReplaceMeError(f"unknown solver {solver!r}; choose one of {SOLVER_NAMES}")
@@ -83,13 +84,13 @@ def replaceme(model, batches, stats: Statistics, n: int, *, solver: str = "lstsq
     if cfg is None:
         settings = Settings.from_config({}).replace(**{"calibration.include_pad": stats.request.include_pad,
                                                         "accum_dtype": stats.request.accum_dtype,
-                                                        "progress": False})
+                                                        "refit.anchor": False, "progress": False})
     else:
         settings = Settings.from_config(cfg)
     settings = settings.replace(solver=solver, alpha=alpha, num_blocks=n, num_transforms=num_transforms,
                                 selection=rule, merge_consecutive=merge_consecutive, candidates="selected",
                                 cuts="")
-    result = prune(model, batches, settings, stats=stats, cuts=cuts)
+    result = prune(model, batches, settings, stats=stats, cuts=cuts, validation=validation)
     removed = sorted(i for s, e in cuts for i in range(s, e))
     return MethodResult(result.model, "replaceme", removed, list(cuts), result.transforms,
                         {"residuals": result.residuals, "scores": _scores_json(scores), "rule": rule,

@@ -164,8 +164,12 @@ class MLP(nnx.Module):
         self.up_proj = _linear(c.hidden_size, c.intermediate_size, c.mlp_bias, c, rngs)
         self.down_proj = _linear(c.intermediate_size, c.hidden_size, c.mlp_bias, c, rngs)
 
+    def hidden(self, x):
+        """The down-projection's input (act(gate) * up, [..., d_ff]): what a kernel re-fit regresses on."""
+        return jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.hidden(x))
 
 
 class DecoderLayer(nnx.Module):
@@ -176,9 +180,13 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=pd)
         self.mlp = MLP(config, rngs=rngs)
 
+    def attention_residual(self, x, cos, sin, bias):
+        """Y = x + attention(x): the stream the MLP reads and adds to."""
+        return x + self.self_attn(self.input_layernorm(x), cos, sin, bias)
+
     def parts(self, x, cos, sin, bias):
         """(Y, M): attention residual and MLP output before its residual add; block output = Y + M."""
-        y = x + self.self_attn(self.input_layernorm(x), cos, sin, bias)
+        y = self.attention_residual(x, cos, sin, bias)
         return y, self.mlp(self.post_attention_layernorm(y))
 
     def __call__(self, x, cos, sin, bias):

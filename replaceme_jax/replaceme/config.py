@@ -52,6 +52,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.budget.min_cut_blocks = 1     # shortest cut of a combination
     c.budget.proxy = "stream"       # stream | relative: per-cut cost summed over a combination
     c.budget.confirm = 4            # top combinations (+ the best single cut) scored by validation NLL
+    c.refit = ml_collections.ConfigDict()  # training-free: a closed-form fit beyond T (replaceme/refit.py)
+    c.refit.anchor = True           # re-fit each cut's anchor down_proj on its hidden activations (d_ff);
+                                    # False: the paper's W T alone (docs/results.md, levers)
+    c.refit.alpha_grid = "1e-6,1e-5,1e-4,1e-3,1e-2,inf"  # ridge toward W T (x tr/d_ff), chosen on the
+                                    # validation passages; inf keeps ReplaceMe's W T
     c.heal = ml_collections.ConfigDict()  # optional training after pruning (off: both step counts 0)
     c.heal.anchor_steps = 0         # first: each cut's anchor block retrained toward the dense stream
     c.heal.anchor_lr = 3e-3          # 1e-2 overfits SmolLM2 (docs/results.md, anchor tuning)

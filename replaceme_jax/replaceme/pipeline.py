@@ -59,6 +59,7 @@ class PruneResult:
     residuals: list[float]           # relative residual of each T on its cut's calibration tokens
     times: dict[str, float]
     budget: list[Any] | None = None  # budget.blocks: the combinations considered (budgets.Candidate)
+    refits: list[Any] | None = None  # refit.anchor: refit.KernelFit per cut (the anchor kernel used instead of W T)
 
 
 def calibration_batches(tokenizer, cal, *, part: str = "calibration", num_samples=...):
@@ -154,6 +155,9 @@ def prune(model: CausalLM, batches, cfg, *, stats: Statistics | None = None,
     if cfg.alpha_grid and validation is None:
         raise ReplaceMeError("alpha_grid chooses the ridge on validation batches; pass validation= "
                              "(pipeline.run builds them from the calibration source)")
+    if cfg.refit.anchor and validation is None:
+        raise ReplaceMeError("refit.anchor chooses its ridge on validation batches; pass validation= "
+                             "(pipeline.run builds them from the calibration source) or set refit.anchor=False")
     scores: dict[str, dict[Cut, float]] = {}
     if chosen is not None:
         cuts = chosen
@@ -182,7 +186,7 @@ def prune(model: CausalLM, batches, cfg, *, stats: Statistics | None = None,
         with timer("selection"):
             cuts = user_cuts or sel.choose_cuts(scores[cfg.selection], cfg.num_transforms, cfg.merge_consecutive)
 
-    transforms, solves, residuals = [], [], []
+    transforms, solves, residuals, kernels, refits = [], [], [], [], []
 
     def solve(on_model, cut, st):
         ne = st.normal_equations(cut)
@@ -200,6 +204,15 @@ def prune(model: CausalLM, batches, cfg, *, stats: Statistics | None = None,
         transforms.append(np.asarray(result.T))
         solves.append(result)
         residuals.append(float(solvers.relative_residual(ne, result.T)))
+        fit = None
+        if cfg.refit.anchor:
+            from replaceme_jax.replaceme.refit import parse_grid, refit_anchor
+            with timer("refit", f"re-fitting the anchor kernel of cut [{cut[0]}, {cut[1]})"):
+                fit = refit_anchor(on_model, batches, validation, cut, result.T, parse_grid(cfg.refit.alpha_grid),
+                                   include_pad=cfg.calibration.include_pad, accum_dtype=cfg.accum_dtype,
+                                   plan=plan, progress=cfg.progress)
+        refits.append(fit)
+        kernels.append(None if fit is None else fit.kernel)
 
     def cut_statistics(on_model, cuts_needed):
         with timer("statistics", f"statistics pass for cuts {list(cuts_needed)}"):
@@ -213,7 +226,7 @@ def prune(model: CausalLM, batches, cfg, *, stats: Statistics | None = None,
         for cut in cuts:
             solve(model, cut, stats_cuts)
         with timer("surgery"):
-            pruned = apply_cuts(model, cuts, transforms)
+            pruned = apply_cuts(model, cuts, transforms, kernels)
     else:
         # Official cosine behaviour: each later cut is calibrated on the model already pruned.
         pruned, offset = model, 0
@@ -221,10 +234,11 @@ def prune(model: CausalLM, batches, cfg, *, stats: Statistics | None = None,
             cut = (s - offset, e - offset)
             solve(pruned, cut, cut_statistics(pruned, [cut]))
             with timer("surgery"):
-                pruned = apply_cuts(pruned, [cut], [transforms[-1]])
+                pruned = apply_cuts(pruned, [cut], [transforms[-1]], [kernels[-1]])
             offset += e - s
     return PruneResult(model=pruned, cuts=list(cuts), transforms=transforms, stats=stats, scores=scores,
-                       solves=solves, residuals=residuals, times=timer.times, budget=considered)
+                       solves=solves, residuals=residuals, times=timer.times, budget=considered,
+                       refits=refits if cfg.refit.anchor else None)
 
 
 def heal_directory(cfg: Settings) -> str:
@@ -279,7 +293,8 @@ def run(cfg) -> tuple[PruneResult, dict]:
     with timer("calibration_data", f"calibration data ({cfg.calibration.source})"):
         batches = calibration_batches(tokenizer, cfg)
         validation = None
-        if (cfg.selection == "search" and not cfg.cuts) or cfg.alpha_grid or (cfg.budget.blocks and cfg.budget.confirm):
+        if ((cfg.selection == "search" and not cfg.cuts) or cfg.alpha_grid or cfg.refit.anchor
+                or (cfg.budget.blocks and cfg.budget.confirm)):
             validation = calibration_batches(tokenizer, cfg, part="validation",
                                              num_samples=cfg.calibration.validation_samples)
     result = prune(model, batches, cfg, validation=validation, timer=timer)

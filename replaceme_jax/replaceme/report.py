@@ -36,6 +36,8 @@ def build_report(cfg, dense, result, batches, evaluation: dict, times: dict) -> 
         n = cut[1] - cut[0]
         if stats is not None and stats.distances is not None and n <= stats.distances.shape[0]:
             entry["angular_distance"] = float(stats.distances[n - 1, cut[0]])
+        if result.refits and result.refits[i] is not None:
+            entry["anchor_refit"] = result.refits[i].summary()
         per_cut.append(entry)
     report = {
         "model": cfg.model,
@@ -137,6 +139,12 @@ def format_report(report: dict) -> str:
         extra = f", angular distance {c['angular_distance']:.4f}" if "angular_distance" in c else ""
         lines.append(f"  cut blocks [{c['cut'][0]}, {c['cut'][1]}) -> T folded into block {c['anchor_block']}"
                      f"; relative residual {c['relative_residual']:.4f}{extra}")
+        r = c.get("anchor_refit")
+        if r:
+            how = ("kept W T (no ridge value generalised better)" if r["kept_prior"]
+                   else f"re-fitted kernel, ridge {r['alpha_relative']:g} x tr/d_ff")
+            lines.append(f"    anchor down_proj: {how}; validation residual {r['prior_validation_residual']:.4f} "
+                         f"(W T) -> {r['validation_residual']:.4f}")
     ppl = report.get("heldout_perplexity") or {}
     if ppl:
         d = ppl["dense"]

@@ -36,9 +36,10 @@ _HIGHEST = lax.Precision.HIGHEST
 class NormalEquations:
     """Sufficient statistics of min_T ||M T - R||_F over ``count`` tokens.
 
-    Leaves may be numpy or JAX arrays (float32 or float64): ``mtm`` = MᵀM [d, d],
-    ``mtr`` = MᵀR [d, d], ``rtr`` = ||R||²_F (scalar), ``count`` = number of tokens N.
-    Records of disjoint token sets add up with ``+``.
+    Leaves may be numpy or JAX arrays (float32 or float64): ``mtm`` = MᵀM [k, k],
+    ``mtr`` = MᵀR [k, d], ``rtr`` = ||R||²_F (scalar), ``count`` = number of tokens N.
+    Records of disjoint token sets add up with ``+``. The T solvers have k = d (M: the MLP output);
+    the kernel re-fit (``refit.py``) has k = d_ff (M: the down-projection's input).
     """
     mtm: Any
     mtr: Any
@@ -47,11 +48,12 @@ class NormalEquations:
 
     @classmethod
     def from_arrays(cls, m, r) -> "NormalEquations":
-        """Statistics of token rows m, r [N, d], summed in float64 numpy (reference / small inputs)."""
+        """Statistics of token rows m [N, k], r [N, d], summed in float64 numpy (reference / small inputs)."""
         m = np.asarray(m, np.float64)
         r = np.asarray(r, np.float64)
-        if m.ndim != 2 or m.shape != r.shape:
-            raise ReplaceMeError(f"m and r must both be [N, d], got {list(m.shape)} and {list(r.shape)}")
+        if m.ndim != 2 or r.ndim != 2 or m.shape[0] != r.shape[0]:
+            raise ReplaceMeError(f"m and r must be [N, k] and [N, d] with the same N, got {list(m.shape)} "
+                                 f"and {list(r.shape)}")
         return cls(mtm=m.T @ m, mtr=m.T @ r, rtr=np.float64(np.sum(r * r)), count=m.shape[0])
 
     def __add__(self, other: "NormalEquations") -> "NormalEquations":
@@ -73,16 +75,18 @@ class SolveResult:
     info: dict
 
 
-def _check_statistics(ne: NormalEquations) -> int:
-    """Validate shapes and count without moving data; return d."""
+def _check_statistics(ne: NormalEquations, square: bool = True) -> int:
+    """Validate shapes and count without moving data; return k (d for the T solvers, which need
+    ``square`` statistics: MᵀR [d, d])."""
     if not isinstance(ne, NormalEquations):
         raise ReplaceMeError(f"expected a NormalEquations record, got {type(ne).__name__}")
     shape = tuple(np.shape(ne.mtm))
     if len(shape) != 2 or shape[0] != shape[1] or shape[0] == 0:
         raise ReplaceMeError(f"NormalEquations.mtm must be a square [d, d] matrix, got shape {list(shape)}")
-    if tuple(np.shape(ne.mtr)) != shape:
-        raise ReplaceMeError(f"NormalEquations.mtr must match mtm's shape {list(shape)}, "
-                             f"got {list(np.shape(ne.mtr))}")
+    cross = tuple(np.shape(ne.mtr))
+    if (cross != shape) if square else (len(cross) != 2 or cross[0] != shape[0]):
+        want = f"match mtm's shape {list(shape)}" if square else f"be [{shape[0]}, d] like mtm's rows"
+        raise ReplaceMeError(f"NormalEquations.mtr must {want}, got {list(cross)}")
     if np.size(ne.rtr) != 1:
         raise ReplaceMeError(f"NormalEquations.rtr must be a scalar, got shape {list(np.shape(ne.rtr))}")
     if not int(ne.count) > 0:
@@ -91,9 +95,9 @@ def _check_statistics(ne: NormalEquations) -> int:
     return shape[0]
 
 
-def _host_statistics(ne: NormalEquations) -> tuple[np.ndarray, np.ndarray, float]:
+def _host_statistics(ne: NormalEquations, square: bool = True) -> tuple[np.ndarray, np.ndarray, float]:
     """(MᵀM, MᵀR, ||R||²) as validated, finite float64 numpy values."""
-    _check_statistics(ne)
+    _check_statistics(ne, square)
     mtm, mtr = np.asarray(ne.mtm, np.float64), np.asarray(ne.mtr, np.float64)
     rtr = float(np.asarray(ne.rtr, np.float64))
     if not (np.all(np.isfinite(mtm)) and np.all(np.isfinite(mtr)) and np.isfinite(rtr)):
@@ -279,12 +283,11 @@ def orth_diag(ne: NormalEquations, alpha: float = 0.0) -> SolveResult:
 
 def relative_residual(ne: NormalEquations, T) -> float:
     """||M T - R||²_F / ||R||²_F from the sums alone, in float64:
-    (tr(Tᵀ MᵀM T) - 2 tr(Tᵀ MᵀR) + ||R||²) / ||R||²."""
-    mtm, mtr, rtr = _host_statistics(ne)
+    (tr(Tᵀ MᵀM T) - 2 tr(Tᵀ MᵀR) + ||R||²) / ||R||². T [k, d] like MᵀR (a d x d T, or a kernel)."""
+    mtm, mtr, rtr = _host_statistics(ne, square=False)
     T = np.asarray(T, np.float64)
-    if T.shape != mtm.shape:
-        raise ReplaceMeError(f"T must be [{mtm.shape[0]}, {mtm.shape[0]}] to match the statistics, "
-                             f"got {list(T.shape)}")
+    if T.shape != mtr.shape:
+        raise ReplaceMeError(f"T must be {list(mtr.shape)} to match the statistics, got {list(T.shape)}")
     if not rtr > 0:
         raise ReplaceMeError("the target R = L - Y is zero on all calibration tokens, so the relative "
                              "residual is undefined; check the cut and the statistics")

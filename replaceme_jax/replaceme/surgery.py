@@ -22,8 +22,9 @@ from replaceme_jax.replaceme.cuts import Cut, validate_cuts
 _HI = jax.lax.Precision.HIGHEST
 
 
-def fold_transform(kernel: jax.Array, T) -> jax.Array:
-    """down_proj kernel [d_ff, d] @ T [d, d], computed in float32 at full precision, cast back.
+def fold_transform(kernel: jax.Array, T, *, replace: bool = False) -> jax.Array:
+    """down_proj kernel [d_ff, d] @ T [d, d], computed in float32 at full precision, cast back
+    (``replace``: T is the new kernel itself, only cast and placed like ``kernel``).
 
     Runs where the kernel lives and keeps its sharding, so a sharded model stays sharded (T, a
     host array, is replicated to the kernel's devices).
@@ -32,27 +33,33 @@ def fold_transform(kernel: jax.Array, T) -> jax.Array:
     # On one device the output stays uncommitted like the other parameters: a committed array at a
     # cut-dependent position would make every jitted pass over the pruned model recompile per cut.
     sharding = kernel.sharding if len(kernel.sharding.device_set) > 1 else None
-    return _fold_fn(sharding)(kernel, np.asarray(T, np.float32))
+    return _fold_fn(sharding, replace)(kernel, np.asarray(T, np.float32))
 
 
 @functools.lru_cache(maxsize=16)
-def _fold_fn(sharding):
+def _fold_fn(sharding, replace: bool = False):
     """One jitted fold per output sharding (a sweep folds hundreds of transforms)."""
-    fold = lambda k, t: jnp.matmul(k.astype(jnp.float32), t, precision=_HI).astype(k.dtype)  # noqa: E731
+    if replace:
+        fold = lambda k, new: new.astype(k.dtype)  # noqa: E731
+    else:
+        fold = lambda k, t: jnp.matmul(k.astype(jnp.float32), t, precision=_HI).astype(k.dtype)  # noqa: E731
     return jax.jit(fold) if sharding is None else jax.jit(fold, out_shardings=sharding)
 
 
-def apply_cuts(model: CausalLM, cuts: Sequence[Cut], transforms: Sequence | None = None) -> CausalLM:
+def apply_cuts(model: CausalLM, cuts: Sequence[Cut], transforms: Sequence | None = None,
+               kernels: Sequence | None = None) -> CausalLM:
     """New model with blocks of each cut removed and T folded into block start-1's down_proj.
 
     ``cuts`` use the model's own block indices; ``transforms[i]`` is the d x d T of cut i, or None to
-    drop the blocks with no transform (the UIDL baseline).
+    drop the blocks with no transform (the UIDL baseline). ``kernels[i]`` (optional, [d_ff, d]): a
+    re-fitted down_proj kernel for cut i's anchor, used instead of W T (a bias is still folded as b T).
     """
     config = model.config
     cuts = list(validate_cuts(cuts, config.num_hidden_layers))
     transforms = list(transforms) if transforms is not None else [None] * len(cuts)
-    if len(transforms) != len(cuts):
-        raise ReplaceMeError(f"{len(cuts)} cuts but {len(transforms)} transforms")
+    kernels = list(kernels) if kernels is not None else [None] * len(cuts)
+    if len(transforms) != len(cuts) or len(kernels) != len(cuts):
+        raise ReplaceMeError(f"{len(cuts)} cuts but {len(transforms)} transforms and {len(kernels)} kernels")
     dropped = sorted({i for s, e in cuts for i in range(s, e)})
     if len(dropped) != sum(e - s for s, e in cuts):
         raise ReplaceMeError(f"cuts overlap: {cuts}")
@@ -63,13 +70,22 @@ def apply_cuts(model: CausalLM, cuts: Sequence[Cut], transforms: Sequence | None
     d = config.hidden_size
     values = {path: var.get_value() for path, var in nnx.to_flat_state(nnx.state(model))}
     folded = {}
-    for (s, _), T in zip(cuts, transforms):
+    for (s, _), T, K in zip(cuts, transforms, kernels):
         if T is None:
+            if K is not None:
+                raise ReplaceMeError(f"cut starting at {s} has a re-fitted kernel but no transform")
             continue
         if np.shape(T) != (d, d):
             raise ReplaceMeError(f"transform for cut starting at {s} has shape {np.shape(T)}, expected {(d, d)}")
         prefix = ("model", "layers", s - 1, "mlp", "down_proj")
-        folded[prefix + ("kernel",)] = fold_transform(values[prefix + ("kernel",)], T)
+        old = values[prefix + ("kernel",)]
+        if K is None:
+            folded[prefix + ("kernel",)] = fold_transform(old, T)
+        elif np.shape(K) != tuple(old.shape):
+            raise ReplaceMeError(f"re-fitted kernel for cut starting at {s} has shape {np.shape(K)}, "
+                                 f"expected {tuple(old.shape)}")
+        else:  # placed like the kernel it replaces (see fold_transform)
+            folded[prefix + ("kernel",)] = fold_transform(old, np.asarray(K, np.float32), replace=True)
         if prefix + ("bias",) in values:  # (xW + b) T = x (W T) + b T
             folded[prefix + ("bias",)] = fold_transform(values[prefix + ("bias",)][None, :], T)[0]
     return _rebuild(model, dropped, folded)

@@ -1,0 +1,209 @@
+"""Re-fitting each cut's anchor down-projection in closed form: training-free, no new parameters.
+
+ReplaceMe folds T into the anchor's down-projection: the pruned anchor computes y + z (W T), with
+z [d_ff] the MLP's hidden activation (act(gate) * up), W [d_ff, d] its down-projection, and T the
+least-squares map from the MLP output m = z W to the target r = L_{e-1} - y. But W T is only one
+point of the space the anchor can hold: any kernel K [d_ff, d] keeps the model's shape, and
+
+    K = argmin ||Z K - R||² + α ||K - W T||²
+
+fits r at least as well on the calibration tokens (α -> inf gives ReplaceMe's W T back; the ridge
+pulls toward it, not toward zero). Its sums are ZᵀZ [d_ff, d_ff] and ZᵀR [d_ff, d]: one more pass,
+over the chosen cuts only, to the cut's end. α is chosen from a grid by the relative residual on the
+calibration source's validation passages (never the held-out text), and "inf" in the grid keeps W T
+where the re-fit does not generalise.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from replaceme_jax.errors import ReplaceMeError
+from replaceme_jax.models.sharding import RESIDUAL, constrain, to_host
+from replaceme_jax.replaceme.cuts import Cut, validate_cuts
+from replaceme_jax.replaceme.solvers import NormalEquations, relative_residual
+from replaceme_jax.replaceme.statistics import StatsRequest, _InFlight, _kahan_add
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+def anchor_kernel_path(cut: Cut) -> tuple:
+    """Parameter path (in the unpruned model) of the down-projection kernel a cut's fit replaces."""
+    return ("model", "layers", int(cut[0]) - 1, "mlp", "down_proj", "kernel")
+
+
+def _kernel_sums(model, input_ids, attention_mask, cut: Cut, shift, include_pad: bool, acc, plan):
+    """One batch's ZᵀZ, Zᵀ(R - shift), ||R - shift||², token count (traced inside jit).
+    ``shift`` [d]: the part of the anchor's output the kernel does not produce (its folded bias)."""
+    mask = (attention_mask > 0).astype(jnp.float32)
+    w = jnp.broadcast_to((mask.sum(-1, keepdims=True) > 0).astype(jnp.float32), mask.shape) if include_pad else mask
+    cos, sin, biases = model.attention_inputs(attention_mask)
+    h = constrain(model.embed(input_ids), plan, RESIDUAL)
+    s, e = cut
+    for k in range(e):
+        layer = model.model.layers[k]
+        if k == s - 1:
+            y = layer.attention_residual(h, cos, sin, biases[k])
+            z = layer.mlp.hidden(layer.post_attention_layernorm(y))
+            h = y + layer.mlp.down_proj(z)
+        else:
+            h = layer(h, cos, sin, biases[k])
+        h = constrain(h, plan, RESIDUAL)
+    r = h.astype(acc) - y.astype(acc) - shift.astype(acc)
+    zw = z.astype(acc) * w[..., None].astype(acc)
+    # A leading axis of 1 lets a mesh split the d_ff x d_ff sum by rows like the statistics pass's sums.
+    return {"mtm": jnp.einsum("btf,btg->fg", zw, z.astype(acc), precision=_HI)[None],
+            "mtr": jnp.einsum("btf,btd->fd", zw, r, precision=_HI)[None],
+            "rtr": jnp.sum(w[..., None].astype(acc) * r * r), "count": jnp.sum(w).astype(acc)}
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_step(graphdef, cut: Cut, include_pad: bool, acc: str, plan=None):
+    def step(state, sums, shift, input_ids, attention_mask):
+        new = _kernel_sums(nnx.merge(graphdef, state), input_ids, attention_mask, cut, shift, include_pad,
+                           jnp.dtype(acc), plan)
+        out = {}
+        for k, x in new.items():
+            if plan is not None:
+                x = plan.constrain_accumulator(x)
+            out[k], out[k + "/comp"] = _kahan_add(sums[k], sums[k + "/comp"], x)
+        return out, out["count"] + 0
+    return jax.jit(step, donate_argnums=(1,))
+
+
+def gather_kernel_equations(model, batches: Iterable, cut: Cut, *, shift=None, include_pad: bool = False,
+                            accum_dtype: str = "auto", plan=None, progress: bool = False) -> NormalEquations:
+    """The normal equations of the anchor kernel's re-fit for ``cut`` over ``batches``:
+    mtm = ZᵀZ [d_ff, d_ff], mtr = Zᵀ(R - shift) [d_ff, d], rtr = ||R - shift||², count = tokens.
+    ``shift`` [d] (default 0): a bias the kernel's output is added to. ``plan`` as in ``gather_statistics``."""
+    (cut,) = validate_cuts([cut], model.config.num_hidden_layers)
+    if cut[0] < 1:
+        raise ReplaceMeError(f"cut [{cut[0]}, {cut[1]}) has no anchor block to re-fit; a cut must start at block >= 1")
+    batches = list(batches)
+    if not batches:
+        raise ReplaceMeError("no batches to re-fit the anchor kernel on: the calibration data is empty")
+    acc = StatsRequest(accum_dtype=accum_dtype).resolved_accum_dtype()
+    if plan is not None:
+        model = plan.shard_model(model)
+    graphdef, state = nnx.split(model)
+    d, f = model.config.hidden_size, model.config.intermediate_size
+    shapes = {"mtm": (1, f, f), "mtr": (1, f, d), "rtr": (), "count": ()}
+    step = _compiled_step(graphdef, cut, include_pad, acc, plan)
+    with jax.enable_x64(acc == "float64"), _InFlight(len(batches), f"kernel re-fit sums for cut {cut}", progress) as flight:
+        sums = {}
+        for k, shape in shapes.items():
+            for name in (k, k + "/comp"):
+                sums[name] = (jnp.zeros(shape, acc) if plan is None
+                              else plan.zeros(shape, acc, plan.accumulator_sharding(shape)))
+        shift = jnp.zeros((d,), jnp.float32) if shift is None else jnp.asarray(shift, jnp.float32)
+        put = jnp.asarray if plan is None else plan.put_batch
+        for batch in batches:
+            sums, done = step(state, sums, shift, put(np.asarray(batch.input_ids, np.int32)),
+                              put(np.asarray(batch.attention_mask, np.int32)))
+            flight.push(done)
+        flight.drain()
+        total = {k: to_host(sums[k]).astype(np.float64) - to_host(sums[k + "/comp"]).astype(np.float64)
+                 for k in shapes}
+    ne = NormalEquations(mtm=total["mtm"][0], mtr=total["mtr"][0], rtr=float(total["rtr"]),
+                         count=int(round(float(total["count"]))))
+    if not all(np.isfinite(np.asarray(x)).all() for x in (ne.mtm, ne.mtr, ne.rtr)):
+        raise ReplaceMeError(f"non-finite values (NaN/inf) in the kernel re-fit sums for cut {cut}: the model "
+                             "overflowed on the calibration data; use dtype=float32 or accum_dtype=float64")
+    if ne.count <= 0:
+        raise ReplaceMeError("the kernel re-fit batches hold no tokens: the calibration data is empty or too short")
+    return ne
+
+
+def parse_grid(text: str) -> tuple[float, ...]:
+    """'1e-5,1e-3,inf' -> (1e-5, 1e-3, inf): relative ridge strengths; inf keeps the prior kernel."""
+    values = []
+    for part in filter(None, (p.strip() for p in str(text).split(","))):
+        try:
+            values.append(float(part))
+        except ValueError:
+            raise ReplaceMeError(f"refit.alpha_grid={text!r}: {part!r} is not a number; give relative ridge "
+                                 "strengths, comma-separated, e.g. 1e-6,1e-4,1e-2,inf") from None
+    if not values or any(not v >= 0 for v in values):
+        raise ReplaceMeError(f"refit.alpha_grid={text!r}: give at least one value, every value >= 0 (inf allowed)")
+    return tuple(values)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelFit:
+    """The chosen kernel [d_ff, d] (float64) and how it was chosen. ``alpha_relative``: α / (tr(ZᵀZ)/d_ff),
+    inf when the prior (ReplaceMe's W T) was kept; ``grid``: (relative α, validation residual) per value;
+    ``train_residual``/``validation_residual``: relative residuals of the chosen kernel, ``prior_*`` the prior's."""
+    kernel: np.ndarray
+    alpha_relative: float
+    validation_residual: float
+    prior_validation_residual: float
+    train_residual: float
+    prior_train_residual: float
+    grid: tuple[tuple[float, float], ...]
+
+    @property
+    def kept_prior(self) -> bool:
+        return math.isinf(self.alpha_relative)
+
+    def summary(self) -> dict:
+        return {"alpha_relative": None if self.kept_prior else self.alpha_relative, "kept_prior": self.kept_prior,
+                "train_residual": self.train_residual, "prior_train_residual": self.prior_train_residual,
+                "validation_residual": self.validation_residual,
+                "prior_validation_residual": self.prior_validation_residual,
+                "grid": [[None if math.isinf(g) else g, r] for g, r in self.grid]}
+
+
+def fit_kernel(ne: NormalEquations, prior, validation: NormalEquations, grid: Sequence[float]) -> KernelFit:
+    """argmin_K ||Z K - R||² + α ||K - prior||² for each relative α of ``grid`` (α = value x tr(ZᵀZ)/d_ff;
+    inf: K = prior), the one with the lowest relative residual on ``validation``'s sums.
+
+    One eigendecomposition of ZᵀZ serves the whole grid; α = 0 takes the minimum-norm solution on
+    ZᵀZ's numerically non-zero spectrum (dead hidden units give exact zeros)."""
+    mtm, mtr = np.asarray(ne.mtm, np.float64), np.asarray(ne.mtr, np.float64)
+    prior = np.asarray(prior, np.float64)
+    if prior.shape != mtr.shape:
+        raise ReplaceMeError(f"the prior kernel is {list(prior.shape)}, the statistics need {list(mtr.shape)}")
+    scale = float(np.trace(mtm)) / mtm.shape[0]
+    if not scale > 0:
+        raise ReplaceMeError("the anchor's MLP hidden activations are zero on every calibration token; "
+                             "nothing to re-fit (check the checkpoint), or set refit.anchor=False")
+    lam, q = np.linalg.eigh(mtm)
+    lam = np.maximum(lam, 0.0)
+    floor = lam.max() * mtm.shape[0] * np.finfo(np.float64).eps
+    qc, qp = q.T @ mtr, q.T @ prior
+    tried = []
+    for g in grid:
+        if math.isinf(g):
+            kernel = prior
+        else:
+            a = g * scale
+            denom = lam + a
+            inv = np.where(denom > floor, 1.0 / np.where(denom > floor, denom, 1.0), 0.0)
+            kernel = q @ (inv[:, None] * (qc + a * qp))
+        tried.append((relative_residual(validation, kernel), g, kernel))
+    best_res, best_g, best = min(tried, key=lambda t: (t[0], -t[1]))  # ties: the stronger ridge
+    return KernelFit(kernel=best, alpha_relative=best_g, validation_residual=best_res,
+                     prior_validation_residual=relative_residual(validation, prior),
+                     train_residual=relative_residual(ne, best), prior_train_residual=relative_residual(ne, prior),
+                     grid=tuple((g, r) for r, g, _ in tried))
+
+
+def refit_anchor(model, batches, validation, cut: Cut, T, grid, *, include_pad: bool = False,
+                 accum_dtype: str = "auto", plan=None, progress: bool = False) -> KernelFit:
+    """The re-fit kernel of ``cut``'s anchor in ``model`` (the model the cut's T was estimated on),
+    with ReplaceMe's fold W T as the prior. A down-projection bias b stays folded as b T."""
+    layer = model.model.layers[int(cut[0]) - 1].mlp.down_proj
+    W = np.asarray(layer.kernel.get_value(), np.float64)
+    T = np.asarray(T, np.float64)
+    shift = None if getattr(layer, "bias", None) is None else np.asarray(layer.bias.get_value(), np.float64) @ T
+    kw = dict(shift=shift, include_pad=include_pad, accum_dtype=accum_dtype, plan=plan)
+    ne = gather_kernel_equations(model, batches, cut, progress=progress, **kw)
+    val = gather_kernel_equations(model, validation, cut, **kw)
+    return fit_kernel(ne, W @ T, val, grid)
