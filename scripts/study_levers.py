@@ -3,7 +3,7 @@ the anchor kernel re-fit.
 
     python scripts/study_levers.py                       # the main job's settings and cut
     python scripts/study_levers.py --cut=12-20 --ppl_windows=8
-    python scripts/study_levers.py --cut=12-20 --only=re-fit    # a subset of the variants
+    python scripts/study_levers.py --cut=12-20 --only='W T,re-fit'    # a subset of the variants
 
 The cut is chosen once by the main job's rule (or given with --cut); every variant prunes the same
 cut from the same calibration pass (the anchor kernel re-fit adds its own pass over the cut) and is
@@ -30,15 +30,16 @@ CONFIG = config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(
 CUT = flags.DEFINE_string("cut", "", "Cut start-end (end exclusive); empty: the config's selection rule picks it.")
 WINDOWS = flags.DEFINE_integer("ppl_windows", 8, "Perplexity windows of 1024 tokens per genre.")
 OUT = flags.DEFINE_string("output_dir", "runs/levers", "Where levers.json and levers.md go.")
-ONLY = flags.DEFINE_string("only", "", "Run only the variants whose name contains this text (e.g. 're-fit'); "
-                           "dense and drop are always scored.")
+ONLY = flags.DEFINE_list("only", [], "Run only the variants whose name contains one of these texts (e.g. "
+                         "'W T,re-fit'); dense and drop are always scored.")
 GRID = "0,1e-4,1e-3,1e-2,1e-1,1"
+T_ALONE = {"refit.anchor": False}  # the paper's W T, whatever the config's default
 VARIANTS = [  # (name, settings overrides)
-    ("lstsq (default)", {}),
-    ("ridge -> 0, alpha on validation", {"alpha_grid": GRID}),
-    ("ridge -> I, alpha on validation", {"alpha_grid": GRID, "ridge_target": "identity"}),
-    ("cosine, warm start from lstsq", {"solver": "cosine", "cosine.init": "lstsq"}),
-    ("cosine_accurate, warm start from lstsq", {"solver": "cosine_accurate", "cosine.init": "lstsq"}),
+    ("lstsq, W T", T_ALONE),
+    ("ridge -> 0, alpha on validation", {**T_ALONE, "alpha_grid": GRID}),
+    ("ridge -> I, alpha on validation", {**T_ALONE, "alpha_grid": GRID, "ridge_target": "identity"}),
+    ("cosine, warm start from lstsq", {**T_ALONE, "solver": "cosine", "cosine.init": "lstsq"}),
+    ("cosine_accurate, warm start from lstsq", {**T_ALONE, "solver": "cosine_accurate", "cosine.init": "lstsq"}),
     ("lstsq + anchor kernel re-fit, alpha on validation", {"refit.anchor": True}),
     ("ridge -> I + anchor kernel re-fit", {"alpha_grid": GRID, "ridge_target": "identity", "refit.anchor": True}),
 ]
@@ -58,9 +59,9 @@ def main(argv) -> int:
     from replaceme_jax.settings import Settings
 
     cfg = Settings.from_config(CONFIG.value).replace(progress=False)
-    variants = [(n, o) for n, o in VARIANTS if ONLY.value in n]
+    variants = [(n, o) for n, o in VARIANTS if not ONLY.value or any(part in n for part in ONLY.value)]
     if not variants:
-        raise ReplaceMeError(f"--only={ONLY.value!r} matches no variant; names: {[n for n, _ in VARIANTS]}")
+        raise ReplaceMeError(f"--only={','.join(ONLY.value)!r} matches no variant; names: {[n for n, _ in VARIANTS]}")
     for _, overrides in variants:  # every variant's settings are checked before the model loads
         cfg.replace(**overrides)
     if CUT.value:

@@ -109,7 +109,9 @@ def default_config() -> ml_collections.ConfigDict:
 
 def paper_config(hub_id: str, *, num_blocks: int = 8) -> ml_collections.ConfigDict:
     """The paper's setting for a Hugging Face model: ``num_blocks`` blocks replaced by one transform,
-    calibrated on 8000 SlimOrca conversations (chat template) of at most 1024 tokens in batches of 8.
+    calibrated on 8000 SlimOrca conversations (chat template) of at most 1024 tokens in batches of 8,
+    plus this project's default anchor kernel re-fit (``--config.refit.anchor=False``: the paper's
+    ``W T`` alone).
 
     The weights are expected in ``checkpoints/<name>`` (``huggingface-cli download <hub_id>
     --local-dir checkpoints/<name>``); ``architecture`` lets ``--dry_run`` work without them. The mesh
