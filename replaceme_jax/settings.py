@@ -120,6 +120,21 @@ class HealSettings(_Section):
     seed: int = 0
 
 
+def parse_ridge_grid(text: str, field: str, example: str) -> tuple[float, ...]:
+    """'0, 1e-3,inf' -> (0.0, 0.001, inf): comma-separated relative ridge strengths, each >= 0;
+    errors name ``field`` and show ``example``."""
+    values = []
+    for part in filter(None, (p.strip() for p in str(text).split(","))):
+        try:
+            values.append(float(part))
+        except ValueError:
+            raise ReplaceMeError(f"{field}={text!r}: {part!r} is not a number; give relative ridge strengths, "
+                                 f"comma-separated, e.g. {example}") from None
+    if any(not v >= 0 for v in values):
+        raise ReplaceMeError(f"{field}={text!r}: every value must be >= 0")
+    return tuple(values)
+
+
 @dataclasses.dataclass(frozen=True)
 class RefitSettings(_Section):
     anchor: bool = True        # re-fit each cut's anchor down_proj in closed form (replaceme/refit.py)
@@ -179,16 +194,7 @@ class Settings(_Section):
 
     def alpha_values(self) -> tuple[float, ...]:
         """The parsed ``alpha_grid`` (relative ridge strengths; empty: use ``alpha`` as it is)."""
-        values = []
-        for part in filter(None, (p.strip() for p in self.alpha_grid.split(","))):
-            try:
-                values.append(float(part))
-            except ValueError:
-                raise ReplaceMeError(f"alpha_grid={self.alpha_grid!r}: {part!r} is not a number; give relative "
-                                     "ridge strengths, comma-separated, e.g. 0,1e-4,1e-3,1e-2") from None
-        if any(not v >= 0 for v in values):
-            raise ReplaceMeError(f"alpha_grid={self.alpha_grid!r}: every value must be >= 0")
-        return tuple(values)
+        return parse_ridge_grid(self.alpha_grid, "alpha_grid", "0,1e-4,1e-3,1e-2")
 
     @classmethod
     def from_config(cls, config) -> "Settings":

@@ -26,10 +26,10 @@ import numpy as np
 from flax import nnx
 
 from replaceme_jax.errors import ReplaceMeError
-from replaceme_jax.models.sharding import RESIDUAL, constrain, to_host
+from replaceme_jax.models.sharding import RESIDUAL, constrain
 from replaceme_jax.replaceme.cuts import Cut, validate_cuts
 from replaceme_jax.replaceme.solvers import NormalEquations, relative_residual
-from replaceme_jax.replaceme.statistics import StatsRequest, _InFlight, _kahan_add
+from replaceme_jax.replaceme.statistics import StatsRequest, _kahan_add, sum_batches
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -96,21 +96,12 @@ def gather_kernel_equations(model, batches: Iterable, cut: Cut, *, shift=None, i
     d, f = model.config.hidden_size, model.config.intermediate_size
     shapes = {"mtm": (1, f, f), "mtr": (1, f, d), "rtr": (), "count": ()}
     step = _compiled_step(graphdef, cut, include_pad, acc, plan)
-    with jax.enable_x64(acc == "float64"), _InFlight(len(batches), f"kernel re-fit sums for cut {cut}", progress) as flight:
-        sums = {}
-        for k, shape in shapes.items():
-            for name in (k, k + "/comp"):
-                sums[name] = (jnp.zeros(shape, acc) if plan is None
-                              else plan.zeros(shape, acc, plan.accumulator_sharding(shape)))
+    with jax.enable_x64(acc == "float64"):
+        sums = {name: (jnp.zeros(shape, acc) if plan is None else plan.zeros(shape, acc, plan.accumulator_sharding(shape)))
+                for k, shape in shapes.items() for name in (k, k + "/comp")}
         shift = jnp.zeros((d,), jnp.float32) if shift is None else jnp.asarray(shift, jnp.float32)
-        put = jnp.asarray if plan is None else plan.put_batch
-        for batch in batches:
-            sums, done = step(state, sums, shift, put(np.asarray(batch.input_ids, np.int32)),
-                              put(np.asarray(batch.attention_mask, np.int32)))
-            flight.push(done)
-        flight.drain()
-        total = {k: to_host(sums[k]).astype(np.float64) - to_host(sums[k + "/comp"]).astype(np.float64)
-                 for k in shapes}
+        total = sum_batches(step, state, sums, batches, plan=plan, desc=f"kernel re-fit sums for cut {cut}",
+                            progress=progress, extra=(shift,))
     ne = NormalEquations(mtm=total["mtm"][0], mtr=total["mtr"][0], rtr=float(total["rtr"]),
                          count=int(round(float(total["count"]))))
     if not all(np.isfinite(np.asarray(x)).all() for x in (ne.mtm, ne.mtr, ne.rtr)):
@@ -123,16 +114,11 @@ def gather_kernel_equations(model, batches: Iterable, cut: Cut, *, shift=None, i
 
 def parse_grid(text: str) -> tuple[float, ...]:
     """'1e-5,1e-3,inf' -> (1e-5, 1e-3, inf): relative ridge strengths; inf keeps the prior kernel."""
-    values = []
-    for part in filter(None, (p.strip() for p in str(text).split(","))):
-        try:
-            values.append(float(part))
-        except ValueError:
-            raise ReplaceMeError(f"refit.alpha_grid={text!r}: {part!r} is not a number; give relative ridge "
-                                 "strengths, comma-separated, e.g. 1e-6,1e-4,1e-2,inf") from None
-    if not values or any(not v >= 0 for v in values):
-        raise ReplaceMeError(f"refit.alpha_grid={text!r}: give at least one value, every value >= 0 (inf allowed)")
-    return tuple(values)
+    from replaceme_jax.settings import parse_ridge_grid
+    values = parse_ridge_grid(text, "refit.alpha_grid", "1e-6,1e-4,1e-2,inf")
+    if not values:
+        raise ReplaceMeError(f"refit.alpha_grid={text!r}: give at least one value (inf keeps W T)")
+    return values
 
 
 @dataclasses.dataclass(frozen=True)

@@ -249,22 +249,9 @@ def gather_statistics(model, batches: Iterable, request: StatsRequest, *, progre
     step = _compiled_step(graphdef, request, depth, plan)
     # x64 is switched on only around this pass (and only for the float64 sums): the model's own
     # dtypes are explicit, so its computation is unchanged.
-    with jax.enable_x64(request.resolved_accum_dtype() == "float64"), \
-            _InFlight(len(batches), "statistics pass", progress) as flight:
-        acc = _zeros_like_sums(model, request, depth, batches[0], plan)
-        for batch in batches:
-            ids = np.asarray(batch.input_ids, np.int32)
-            mask = np.asarray(batch.attention_mask, np.int32)
-            if plan is None:
-                ids, mask = jnp.asarray(ids), jnp.asarray(mask)
-            else:
-                ids, mask = plan.put_batch(ids), plan.put_batch(mask)
-            acc, done = step(state, acc, ids, mask)
-            flight.push(done)
-        flight.drain()
-        host = {k: to_host(v).astype(np.float64) for k, v in acc.items() if not k.endswith("/comp")}
-        comp = {k: to_host(acc[k + "/comp"]).astype(np.float64) for k in host}
-    total = {k: host[k] - comp[k] for k in host}  # fold the last compensation term back in
+    with jax.enable_x64(request.resolved_accum_dtype() == "float64"):
+        total = sum_batches(step, state, _zeros_like_sums(model, request, depth, batches[0], plan), batches,
+                            plan=plan, desc="statistics pass", progress=progress)
     if total["sequences"] <= 0:
         raise ReplaceMeError("calibration batches hold no tokens: the calibration data is empty or too short")
     stats = Statistics(
@@ -274,6 +261,22 @@ def gather_statistics(model, batches: Iterable, request: StatsRequest, *, progre
         target_sq=total["target_sq"], stream_sq=total["stream_sq"])
     stats.check_finite()
     return stats
+
+
+def sum_batches(step, state, acc: dict, batches, *, plan=None, desc: str, progress: bool = False,
+                extra=()) -> dict:
+    """Run a jitted ``step(state, acc, *extra, ids, mask) -> (acc, done)`` over ``batches`` with ``acc``'s
+    Kahan-compensated sums (each name beside its ``name/comp``), and return the totals as float64 host
+    arrays with the last compensation folded in. Call inside ``jax.enable_x64`` for float64 sums."""
+    put = jnp.asarray if plan is None else plan.put_batch
+    with _InFlight(len(batches), desc, progress) as flight:
+        for batch in batches:
+            acc, done = step(state, acc, *extra, put(np.asarray(batch.input_ids, np.int32)),
+                             put(np.asarray(batch.attention_mask, np.int32)))
+            flight.push(done)
+        flight.drain()
+        return {k: to_host(v).astype(np.float64) - to_host(acc[k + "/comp"]).astype(np.float64)
+                for k, v in acc.items() if not k.endswith("/comp")}
 
 
 def statistics_request(cfg, depth: int) -> StatsRequest:
