@@ -113,7 +113,8 @@ class HealSettings(_Section):
     lora_alpha: float = 32.0
     blocks: str = "adjacent"   # adjacent | all | comma list of pruned-model block indices
     modules: str = "all"       # all | comma list of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj
-    num_samples: int = 2048    # passages of the calibration source's training part
+    num_samples: int = 2048    # passages of the healing source's training part
+    source: str = ""           # healing text (any calibration.source); "": the calibration source
     max_length: int = 256
     batch_size: int = 4
     checkpoint_every: int = 50
@@ -139,6 +140,7 @@ def parse_ridge_grid(text: str, field: str, example: str) -> tuple[float, ...]:
 class RefitSettings(_Section):
     anchor: bool = True        # re-fit each cut's anchor down_proj in closed form (replaceme/refit.py)
     alpha_grid: str = "1e-6,1e-5,1e-4,1e-3,1e-2,inf"  # relative ridge toward W T; inf keeps W T
+    weighting: str = "none"    # "token": each token weighs 1 / ||target||² (relative error per token)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -392,6 +394,8 @@ def _validate(s: Settings) -> None:
     if s.refit.anchor:
         from replaceme_jax.replaceme.refit import parse_grid
         parse_grid(s.refit.alpha_grid)
+    from replaceme_jax.replaceme.refit import WEIGHTINGS
+    _choice("refit.weighting", s.refit.weighting, WEIGHTINGS)
     _validate_heal(s.heal)
     k = s.cosine
     _choice("cosine.init", k.init, COSINE_INIT)

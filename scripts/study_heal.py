@@ -59,7 +59,7 @@ def main(argv) -> int:
     from replaceme_jax.io_utils import atomic_write_json, atomic_write_text
     from replaceme_jax.replaceme.cuts import parse_cuts
     from replaceme_jax.replaceme.heal import heal
-    from replaceme_jax.replaceme.pipeline import calibration_batches, prune
+    from replaceme_jax.replaceme.pipeline import calibration_batches, healing_batches, prune
     from replaceme_jax.replaceme.surgery import apply_cuts
     from replaceme_jax.settings import Settings
 
@@ -85,9 +85,7 @@ def main(argv) -> int:
         student = tune_or_restore(model, student, calibration_batches(tok, cfg), [cut], cfg)[0]
     prepare_s = time.perf_counter() - prepare_s  # pruning (and any anchor training), before LoRA healing
     h = cfg.heal
-    heal_batches = calibration_batches(tok, cfg.replace(**{
-        "calibration.num_samples": h.num_samples, "calibration.max_length": h.max_length,
-        "calibration.batch_size": h.batch_size}))
+    heal_batches = healing_batches(tok, cfg)
     genres = held_out_genres(tok, max_windows=WINDOWS.value)
     score = lambda m: {g: e(m).ppl for g, e in genres.items()}  # noqa: E731
     dense = score(model)
@@ -120,7 +118,7 @@ def main(argv) -> int:
              if h.anchor_steps else "")
     lines = [f"healing {START.value}{tuned} at cut [{cut[0]}, {cut[1]}) of {cfg.model}: LoRA rank {h.rank} on blocks "
              f"{h.blocks} ({h.modules}), lr {h.lr}, {h.batch_size} x {h.max_length}-token packed rows per step "
-             f"(~{mean_tokens:.0f} tokens) from {cfg.calibration.source}; {WINDOWS.value} windows x 1024 tokens per "
+             f"(~{mean_tokens:.0f} tokens) from {h.source or cfg.calibration.source}; {WINDOWS.value} windows x 1024 tokens per "
              f"genre; pruning took {prepare_s:.0f} s" + (f"; {stopped}" if stopped else ""), "",
              "| step | healing tokens | healing s | Wikipedia ppl (x dense) | fiction ppl (x dense) |", "|---|---|---|---|---|",
              f"| dense | | | {dense['wikipedia']:.2f} (1.00x) | {dense['fiction']:.2f} (1.00x) |"]

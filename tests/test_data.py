@@ -183,6 +183,33 @@ def test_local_subset_and_parts(tmp_path):
     assert [texts.index(t) for t in sub] == sorted(texts.index(t) for t in sub)
 
 
+def test_mixture_splits_evenly_and_interleaves(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("\n\n".join(f"cats {i}" for i in range(100)))
+    b.write_text("\n\n".join(f"dogs {i}" for i in range(60)))
+    mix = f"{a} + {b}"
+    for part in ("calibration", "validation"):
+        for n in ((7, 20, None) if part == "calibration" else (3, 6, None)):
+            got = load_calibration_texts(mix, num_samples=n, seed=3, part=part)
+            if n is None:
+                first, second = (load_calibration_texts(str(p), part=part) for p in (a, b))
+            else:
+                first = load_calibration_texts(str(a), num_samples=n - n // 2, seed=3, part=part)
+                second = load_calibration_texts(str(b), num_samples=n // 2, seed=3, part=part)
+            assert sorted(got) == sorted(first + second) and len(got) == len(first) + len(second)
+            k = min(len(first), len(second))  # round-robin while both last
+            assert got[:2 * k:2] == first[:k] and got[1:2 * k:2] == second[:k]
+    plus = tmp_path / "b+c.txt"  # an existing path with a '+' is one source, not a mixture
+    plus.write_text(b.read_text())
+    assert load_calibration_texts(str(plus), num_samples=5) == load_calibration_texts(str(b), num_samples=5)
+    with pytest.raises(ReplaceMeError, match="empty part"):
+        load_calibration_texts(f"{a}+", num_samples=4)
+    with pytest.raises(ReplaceMeError, match="cannot be split over the 2 sources"):
+        load_calibration_texts(mix, num_samples=1)
+    with pytest.raises(ReplaceMeError, match="unknown calibration source 'wiki'"):
+        load_calibration_texts(f"{a}+wiki", num_samples=4)
+
+
 # --------------------------------------------------------------------------- Hugging Face datasets
 
 
@@ -482,3 +509,24 @@ def test_wikitext_extraction_on_synthetic_dump(tmp_path):
     for gone in ("Infobox", "kat", "cite", "thumb", "sitting", "wikitable", "References", "citation",
                  "Cats]]", "Katze", "|"):
         assert gone not in text, gone
+
+
+def test_healing_text_comes_from_heal_source(tmp_path, tiny_tokenizer):
+    from replaceme_jax.replaceme.pipeline import healing_batches
+    from replaceme_jax.settings import Settings
+    cats, dogs = tmp_path / "cats.txt", tmp_path / "dogs.txt"
+    cats.write_text("\n\n".join(f"the cat sat on {'a mat ' * i}" for i in range(40)))
+    dogs.write_text("\n\n".join(f"the dog sat on {'the mat ' * i}" for i in range(40)))
+    base = Settings().replace(**{"calibration.source": str(cats), "calibration.num_samples": 5, "heal.num_samples": 6,
+                                 "heal.max_length": 32, "heal.batch_size": 2})
+
+    def words(cfg):
+        ids = np.concatenate([np.asarray(b.input_ids)[np.asarray(b.attention_mask) > 0] for b in healing_batches(tiny_tokenizer, cfg)])
+        return set(tiny_tokenizer.convert_ids_to_tokens(ids.tolist()))
+
+    assert "cat" in words(base) and "dog" not in words(base)  # "": the calibration source
+    mixed = words(base.replace(**{"heal.source": f"{cats}+{dogs}"}))
+    assert {"cat", "dog"} <= mixed
+    batches = healing_batches(tiny_tokenizer, base.replace(**{"heal.source": str(dogs)}))
+    assert all(np.asarray(b.input_ids).shape[0] <= 2 and np.asarray(b.input_ids).shape[1] == 32 for b in batches)
+    assert "cat" not in words(base.replace(**{"heal.source": str(dogs)}))

@@ -19,10 +19,10 @@ from replaceme_jax.settings import Settings
 from tiny_models import FAMILIES, reference_pair, tiny_model_and_batches
 
 
-def _reference_sums(ref, sequences, anchor: int, end: int, shift):
+def _reference_sums(ref, sequences, anchor: int, end: int, shift, weighting="none"):
     """ZᵀZ, Zᵀ(R - shift), ||R - shift||², N from transformers' forward: z is the input of the anchor's
     down_proj, y the input of its post-attention norm, L the output of block end-1 (one sequence at a time,
-    no padding, so nothing of ours is involved)."""
+    no padding, so nothing of ours is involved). ``weighting="token"``: each token weighs 1 / ||L_t||²."""
     import torch
     got = {}
     layer = ref.model.layers[anchor]
@@ -34,8 +34,11 @@ def _reference_sums(ref, sequences, anchor: int, end: int, shift):
             for seq in sequences:
                 out = ref(torch.tensor(np.asarray(seq)[None]), output_hidden_states=True)
                 z = got["z"][0].double().numpy()
-                r = (out.hidden_states[end][0] - got["y"][0]).double().numpy() - shift
-                G, C, R, N = G + z.T @ z, C + z.T @ r, R + float(np.sum(r * r)), N + len(seq)
+                target = out.hidden_states[end][0].double().numpy()
+                r = target - got["y"][0].double().numpy() - shift
+                w = 1.0 / np.sum(target ** 2, -1) if weighting == "token" else np.ones(len(seq))
+                G, C = G + z.T @ (w[:, None] * z), C + z.T @ (w[:, None] * r)
+                R, N = R + float(np.sum(w[:, None] * r * r)), N + len(seq)
     finally:
         for h in hooks:
             h.remove()
@@ -49,10 +52,11 @@ def test_kernel_sums_match_transformers(family, tmp_path_factory):
     vocab, d = ours.config.vocab_size, ours.config.hidden_size
     seqs = [rng.integers(0, vocab, size=int(n)) for n in (9, 14, 5, 12, 7)]
     shift = rng.normal(size=d) * 0.1
-    for pack in (False, True):  # padded rows and packed rows (per-segment attention and RoPE)
+    for pack, weighting in ((False, "none"), (True, "none"), (False, "token"), (True, "token")):
+        # padded rows and packed rows (per-segment attention and RoPE), tokens alike or by 1 / ||L_t||²
         batches = make_batches(seqs, batch_size=2, max_length=16, buckets=(16,), pack=pack)
-        ne = gather_kernel_equations(ours, batches, (1, 2), shift=shift)
-        G, C, R, N = _reference_sums(ref, seqs, anchor=0, end=2, shift=shift)
+        ne = gather_kernel_equations(ours, batches, (1, 2), shift=shift, weighting=weighting)
+        G, C, R, N = _reference_sums(ref, seqs, anchor=0, end=2, shift=shift, weighting=weighting)
         assert ne.count == N == sum(map(len, seqs))
         for got, want in ((ne.mtm, G), (ne.mtr, C)):
             np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
@@ -115,6 +119,11 @@ def test_bad_grid_names_the_setting(text, match):
         Settings.from_config(default_config()).replace(**{"refit.anchor": True, "refit.alpha_grid": text})
     assert "refit.alpha_grid" in str(info.value)
     assert parse_grid("1e-6, inf") == (1e-6, math.inf)
+
+
+def test_bad_weighting_names_the_setting_and_the_choices():
+    with pytest.raises(ReplaceMeError, match=r"refit.weighting='norm'.*choose one of none, token"):
+        Settings.from_config(default_config()).replace(**{"refit.weighting": "norm"})
 
 
 @pytest.fixture(scope="module")

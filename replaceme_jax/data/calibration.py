@@ -8,6 +8,8 @@ Sources
                folder written by ``datasets.Dataset.save_to_disk``.
   "hf:<name>"  anything ``datasets.load_dataset(name, hf_config, split=hf_split)`` can open
                (hub name with network or a local cache, or a local data folder).
+  "a+b[+...]"  a mixture of any of the above: ``num_samples`` is split evenly between them (the
+               first ones take the remainder), each drawn as on its own, and the texts interleaved.
 
 Rows are turned into text through a text column ("text", "content", "passage" or
 ``text_column``) or a chat-messages column (``messages_column``, or "messages" /
@@ -71,6 +73,21 @@ def load_calibration_texts(
     if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer))
                                     or num_samples < 1):
         raise ReplaceMeError(f"num_samples must be a positive integer or None (all), got {num_samples!r}")
+
+    components = _mixture(source)
+    if components:
+        if num_samples is None:
+            shares = [None] * len(components)
+        else:
+            if num_samples < len(components):
+                raise ReplaceMeError(f"num_samples={num_samples} cannot be split over the {len(components)} sources "
+                                     f"of {source!r}; fix: ask for at least {len(components)}")
+            shares = [num_samples // len(components) + (i < num_samples % len(components))
+                      for i in range(len(components))]
+        drawn = [load_calibration_texts(c, num_samples=n, seed=seed, part=part, validation_fraction=validation_fraction,
+                                        text_column=text_column, messages_column=messages_column, tokenizer=tokenizer,
+                                        hf_config=hf_config, hf_split=hf_split) for c, n in zip(components, shares)]
+        return [t for i in range(max(map(len, drawn))) for texts in drawn if i < len(texts) for t in (texts[i],)]
 
     texts = _dedupe(_source_texts(source, text_column=text_column, messages_column=messages_column,
                                   tokenizer=tokenizer, hf_config=hf_config, hf_split=hf_split))
@@ -146,6 +163,17 @@ def _source_texts(source, *, text_column, messages_column, tokenizer, hf_config,
         f"unknown calibration source {source!r}; fix: use one of {sorted(BUILTIN_SOURCES)}, a path to "
         f"a {'/'.join(s for s in FILE_SUFFIXES if not s.endswith('.gz'))} file or folder, or "
         "'hf:<dataset name>'")
+
+
+def _mixture(source) -> list[str]:
+    """The sources of a mixture 'a+b' ([] when ``source`` is one source, or an existing path with a '+')."""
+    if not isinstance(source, str) or "+" not in source or Path(source).expanduser().exists():
+        return []
+    parts = [p.strip() for p in source.split("+")]
+    if not all(parts):
+        raise ReplaceMeError(f"calibration source {source!r} has an empty part; fix: name each source of a mixture, "
+                             "e.g. boolq+hellaswag")
+    return parts
 
 
 def _looks_like_path(source: str) -> bool:

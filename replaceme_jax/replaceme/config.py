@@ -15,7 +15,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.dtype = "float32"            # compute dtype of the forward passes
 
     c.calibration = ml_collections.ConfigDict()
-    c.calibration.source = "boolq"  # boolq | hellaswag | local file/folder | hf:<dataset name>
+    c.calibration.source = "boolq"  # boolq | hellaswag | local file/folder | hf:<dataset name> | a mix "boolq+hellaswag"
     c.calibration.num_samples = 256  # passages; None (Python) takes all
     c.calibration.max_length = 512
     c.calibration.batch_size = 8
@@ -57,6 +57,7 @@ def default_config() -> ml_collections.ConfigDict:
                                     # False: the paper's W T alone (docs/results.md, levers)
     c.refit.alpha_grid = "1e-6,1e-5,1e-4,1e-3,1e-2,inf"  # ridge toward W T (x tr/d_ff), chosen on the
                                     # validation passages; inf keeps ReplaceMe's W T
+    c.refit.weighting = "none"      # none | token (each token by 1 / ||target||²; worse on SmolLM2's fiction)
     c.heal = ml_collections.ConfigDict()  # optional training after pruning (off: both step counts 0)
     c.heal.anchor_steps = 0         # first: each cut's anchor block retrained toward the dense stream
     c.heal.anchor_lr = 3e-3          # 1e-2 overfits SmolLM2 (docs/results.md, anchor tuning)
@@ -68,7 +69,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.heal.lora_alpha = 32.0
     c.heal.blocks = "adjacent"      # adjacent (anchor + first block after each cut) | all | "10,11"
     c.heal.modules = "all"          # all | e.g. "down_proj,up_proj"
-    c.heal.num_samples = 2048       # passages of the calibration source (training part)
+    c.heal.num_samples = 2048       # passages of the healing source (training part)
+    c.heal.source = ""              # healing text, any calibration.source; "" = calibration.source
     c.heal.max_length = 256
     c.heal.batch_size = 4           # packed rows per step
     c.heal.checkpoint_every = 50

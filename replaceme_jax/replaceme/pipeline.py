@@ -76,6 +76,15 @@ def calibration_batches(tokenizer, cal, *, part: str = "calibration", num_sample
     return batches_from_texts(texts, tokenizer, cal)
 
 
+def healing_batches(tokenizer, cfg: Settings):
+    """The LoRA healing stage's batches: ``heal.num_samples`` passages of ``heal.source`` (default: the
+    calibration source's training part), ``heal.max_length`` tokens, ``heal.batch_size`` rows."""
+    h = cfg.heal
+    return calibration_batches(tokenizer, cfg.replace(**{
+        "calibration.source": h.source or cfg.calibration.source, "calibration.num_samples": h.num_samples,
+        "calibration.max_length": h.max_length, "calibration.batch_size": h.batch_size}))
+
+
 def batches_from_texts(texts, tokenizer, cal):
     """Texts -> the static-shape batches of the ``calibration`` settings (length, batch size, packing)."""
     from replaceme_jax.data import make_batches, tokenize_texts
@@ -210,7 +219,7 @@ def prune(model: CausalLM, batches, cfg, *, stats: Statistics | None = None,
             with timer("refit", f"re-fitting the anchor kernel of cut [{cut[0]}, {cut[1]})"):
                 fit = refit_anchor(on_model, batches, validation, cut, result.T, parse_grid(cfg.refit.alpha_grid),
                                    include_pad=cfg.calibration.include_pad, accum_dtype=cfg.accum_dtype,
-                                   plan=plan, progress=cfg.progress)
+                                   plan=plan, progress=cfg.progress, weighting=cfg.refit.weighting)
         refits.append(fit)
         kernels.append(None if fit is None else fit.kernel)
 
@@ -328,10 +337,9 @@ def run(cfg) -> tuple[PruneResult, dict]:
                   "(calibration.num_samples) or a lower heal.anchor_lr", file=sys.stderr, flush=True)
     if cfg.heal.steps:
         from replaceme_jax.replaceme.heal import heal
-        with timer("calibration_data", f"healing text ({cfg.heal.num_samples} passages of {cfg.calibration.source})"):
-            heal_batches = calibration_batches(tokenizer, cfg.replace(**{
-                "calibration.num_samples": cfg.heal.num_samples, "calibration.max_length": cfg.heal.max_length,
-                "calibration.batch_size": cfg.heal.batch_size}))
+        with timer("calibration_data", f"healing text ({cfg.heal.num_samples} passages of "
+                                       f"{cfg.heal.source or cfg.calibration.source})"):
+            heal_batches = healing_batches(tokenizer, cfg)
         with timer("heal", f"healing ({cfg.heal.steps} steps; state in {heal_directory(cfg)})"):
             healed = heal(result.model, model, heal_batches, cfg, cuts=result.cuts, directory=heal_directory(cfg),
                           progress=cfg.progress)

@@ -32,6 +32,7 @@ from replaceme_jax.replaceme.solvers import NormalEquations, relative_residual
 from replaceme_jax.replaceme.statistics import StatsRequest, _kahan_add, sum_batches
 
 _HI = jax.lax.Precision.HIGHEST
+WEIGHTINGS = ("none", "token")
 
 
 def anchor_kernel_path(cut: Cut) -> tuple:
@@ -39,11 +40,15 @@ def anchor_kernel_path(cut: Cut) -> tuple:
     return ("model", "layers", int(cut[0]) - 1, "mlp", "down_proj", "kernel")
 
 
-def _kernel_sums(model, input_ids, attention_mask, cut: Cut, shift, include_pad: bool, acc, plan):
+def _kernel_sums(model, input_ids, attention_mask, cut: Cut, shift, include_pad: bool, acc, plan,
+                 weighting: str = "none"):
     """One batch's ZᵀZ, Zᵀ(R - shift), ||R - shift||², token count (traced inside jit).
-    ``shift`` [d]: the part of the anchor's output the kernel does not produce (its folded bias)."""
+    ``shift`` [d]: the part of the anchor's output the kernel does not produce (its folded bias).
+    ``weighting="token"`` weighs each token by 1 / ||L_t||², its target's energy (the sums of a
+    per-token relative error), so a few high-norm tokens do not dominate the fit."""
     mask = (attention_mask > 0).astype(jnp.float32)
     w = jnp.broadcast_to((mask.sum(-1, keepdims=True) > 0).astype(jnp.float32), mask.shape) if include_pad else mask
+    tokens = w
     cos, sin, biases = model.attention_inputs(attention_mask)
     h = constrain(model.embed(input_ids), plan, RESIDUAL)
     s, e = cut
@@ -56,19 +61,23 @@ def _kernel_sums(model, input_ids, attention_mask, cut: Cut, shift, include_pad:
         else:
             h = layer(h, cos, sin, biases[k])
         h = constrain(h, plan, RESIDUAL)
+    w = w.astype(acc)
+    if weighting == "token":
+        energy = jnp.sum(jnp.square(h.astype(acc)), -1)
+        w = w / jnp.maximum(energy, jnp.finfo(acc).tiny)
     r = h.astype(acc) - y.astype(acc) - shift.astype(acc)
-    zw = z.astype(acc) * w[..., None].astype(acc)
+    zw = z.astype(acc) * w[..., None]
     # A leading axis of 1 lets a mesh split the d_ff x d_ff sum by rows like the statistics pass's sums.
     return {"mtm": jnp.einsum("btf,btg->fg", zw, z.astype(acc), precision=_HI)[None],
             "mtr": jnp.einsum("btf,btd->fd", zw, r, precision=_HI)[None],
-            "rtr": jnp.sum(w[..., None].astype(acc) * r * r), "count": jnp.sum(w).astype(acc)}
+            "rtr": jnp.sum(w[..., None] * r * r), "count": jnp.sum(tokens).astype(acc)}
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled_step(graphdef, cut: Cut, include_pad: bool, acc: str, plan=None):
+def _compiled_step(graphdef, cut: Cut, include_pad: bool, acc: str, plan=None, weighting: str = "none"):
     def step(state, sums, shift, input_ids, attention_mask):
         new = _kernel_sums(nnx.merge(graphdef, state), input_ids, attention_mask, cut, shift, include_pad,
-                           jnp.dtype(acc), plan)
+                           jnp.dtype(acc), plan, weighting)
         out = {}
         for k, x in new.items():
             if plan is not None:
@@ -79,10 +88,14 @@ def _compiled_step(graphdef, cut: Cut, include_pad: bool, acc: str, plan=None):
 
 
 def gather_kernel_equations(model, batches: Iterable, cut: Cut, *, shift=None, include_pad: bool = False,
-                            accum_dtype: str = "auto", plan=None, progress: bool = False) -> NormalEquations:
+                            accum_dtype: str = "auto", plan=None, progress: bool = False,
+                            weighting: str = "none") -> NormalEquations:
     """The normal equations of the anchor kernel's re-fit for ``cut`` over ``batches``:
     mtm = ZᵀZ [d_ff, d_ff], mtr = Zᵀ(R - shift) [d_ff, d], rtr = ||R - shift||², count = tokens.
-    ``shift`` [d] (default 0): a bias the kernel's output is added to. ``plan`` as in ``gather_statistics``."""
+    ``shift`` [d] (default 0): a bias the kernel's output is added to. ``plan`` as in ``gather_statistics``.
+    ``weighting``: "none" (every token alike) or "token" (each token by 1 / ||L_t||²; rtr is then weighted)."""
+    if weighting not in WEIGHTINGS:
+        raise ReplaceMeError(f"refit.weighting={weighting!r}: use one of {WEIGHTINGS}")
     (cut,) = validate_cuts([cut], model.config.num_hidden_layers)
     if cut[0] < 1:
         raise ReplaceMeError(f"cut [{cut[0]}, {cut[1]}) has no anchor block to re-fit; a cut must start at block >= 1")
@@ -95,7 +108,7 @@ def gather_kernel_equations(model, batches: Iterable, cut: Cut, *, shift=None, i
     graphdef, state = nnx.split(model)
     d, f = model.config.hidden_size, model.config.intermediate_size
     shapes = {"mtm": (1, f, f), "mtr": (1, f, d), "rtr": (), "count": ()}
-    step = _compiled_step(graphdef, cut, include_pad, acc, plan)
+    step = _compiled_step(graphdef, cut, include_pad, acc, plan, weighting)
     with jax.enable_x64(acc == "float64"):
         sums = {name: (jnp.zeros(shape, acc) if plan is None else plan.zeros(shape, acc, plan.accumulator_sharding(shape)))
                 for k, shape in shapes.items() for name in (k, k + "/comp")}
@@ -182,14 +195,14 @@ def fit_kernel(ne: NormalEquations, prior, validation: NormalEquations, grid: Se
 
 
 def refit_anchor(model, batches, validation, cut: Cut, T, grid, *, include_pad: bool = False,
-                 accum_dtype: str = "auto", plan=None, progress: bool = False) -> KernelFit:
+                 accum_dtype: str = "auto", plan=None, progress: bool = False, weighting: str = "none") -> KernelFit:
     """The re-fit kernel of ``cut``'s anchor in ``model`` (the model the cut's T was estimated on),
     with ReplaceMe's fold W T as the prior. A down-projection bias b stays folded as b T."""
     layer = model.model.layers[int(cut[0]) - 1].mlp.down_proj
     W = np.asarray(layer.kernel.get_value(), np.float64)
     T = np.asarray(T, np.float64)
     shift = None if getattr(layer, "bias", None) is None else np.asarray(layer.bias.get_value(), np.float64) @ T
-    kw = dict(shift=shift, include_pad=include_pad, accum_dtype=accum_dtype, plan=plan)
+    kw = dict(shift=shift, include_pad=include_pad, accum_dtype=accum_dtype, plan=plan, weighting=weighting)
     ne = gather_kernel_equations(model, batches, cut, progress=progress, **kw)
     val = gather_kernel_equations(model, validation, cut, **kw)
     return fit_kernel(ne, W @ T, val, grid)
