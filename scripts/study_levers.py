@@ -42,7 +42,7 @@ VARIANTS = [  # (name, settings overrides)
     ("cosine_accurate, warm start from lstsq", {**T_ALONE, "solver": "cosine_accurate", "cosine.init": "lstsq"}),
     ("lstsq + anchor kernel re-fit, alpha on validation", {"refit.anchor": True}),
     ("ridge -> I + anchor kernel re-fit", {"alpha_grid": GRID, "ridge_target": "identity", "refit.anchor": True}),
-    ("lstsq + anchor kernel re-fit, token-weighted", {"refit.anchor": True, "refit.weighting": "token"}),
+    ("token-weighted anchor kernel re-fit (lstsq T)", {"refit.anchor": True, "refit.weighting": "token"}),
 ]
 
 
