@@ -194,6 +194,15 @@ class Settings(_Section):
     distributed: bool = False
     progress: bool = True
 
+    def pruning_dict(self) -> dict:
+        """The settings the pruned model (before healing) depends on: what a resumable healing state
+        is fingerprinted with, so a re-run with another solver, re-fit or calibration starts over."""
+        d = self.to_dict()
+        for k in ("heal", "output_dir", "overwrite", "save_orbax", "export_hf", "eval", "evaluate", "mesh",
+                  "distributed", "progress"):
+            d.pop(k)
+        return d
+
     def alpha_values(self) -> tuple[float, ...]:
         """The parsed ``alpha_grid`` (relative ridge strengths; empty: use ``alpha`` as it is)."""
         return parse_ridge_grid(self.alpha_grid, "alpha_grid", "0,1e-4,1e-3,1e-2")

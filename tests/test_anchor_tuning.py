@@ -58,3 +58,22 @@ def test_anchor_tuning_errors():
         tune_anchors(model, model, _batches(64, n=1), [(2, 4)], steps=2, lr=1e-3)
     with pytest.raises(ReplaceMeError, match="no calibration batches"):
         tune_anchors(model, start, [], [(2, 4)], steps=2, lr=1e-3)
+
+
+def test_tuned_anchors_are_restored_only_for_the_same_run(tmp_path):
+    from replaceme_jax.replaceme.anchor_tuning import tune_or_restore
+    from replaceme_jax.settings import Settings
+    model = random_tiny_llama(64, num_hidden_layers=5)
+    cuts = [(2, 4)]
+    start = apply_cuts(model, cuts)
+    settings = Settings().replace(**{"heal.anchor_steps": 3, "heal.warmup": 1})
+    batches = _batches(64, n=2)
+    tuned, record = tune_or_restore(model, start, batches, cuts, settings, directory=tmp_path)
+    assert record is not None
+    restored, again = tune_or_restore(model, start, batches, cuts, settings, directory=tmp_path)
+    assert again is None  # read back, not trained again
+    jax.tree.map(np.testing.assert_array_equal, _flat(tuned), _flat(restored))
+    # Another start (re-fit off, another solver, other calibration) or other tuning settings: refused.
+    for change in ({"refit.anchor": False}, {"solver": "diag"}, {"calibration.num_samples": 3}, {"heal.anchor_lr": 1e-2}):
+        with pytest.raises(ReplaceMeError, match="holds anchors tuned with other settings"):
+            tune_or_restore(model, start, batches, cuts, settings.replace(**change), directory=tmp_path)

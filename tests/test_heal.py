@@ -102,6 +102,12 @@ def test_interrupted_healing_resumes_to_the_same_model(pair, tmp_path):
         np.testing.assert_allclose(params(resumed.model)[k], v, rtol=1e-5, atol=1e-7)
     with pytest.raises(ReplaceMeError, match="holds a healing run with other settings"):
         heal(student, dense, batches[:3], settings.replace(**{"heal.lr": 1e-3}), cuts=CUTS, directory=tmp_path / "h")
+    # Another start (the pruned model before healing) is another run, never resumed from this state.
+    for change, key in (({"refit.anchor": not settings.refit.anchor}, "refit"), ({"solver": "diag"}, "solver"),
+                        ({"calibration.num_samples": 3}, "calibration")):
+        with pytest.raises(ReplaceMeError, match=rf"other settings \({key} differ\)"):
+            heal(student, dense, batches[:3], settings.replace(**change), cuts=CUTS, directory=tmp_path / "h")
+    assert settings.pruning_dict().keys().isdisjoint({"heal", "output_dir", "eval", "mesh", "progress"})
 
 
 def test_heal_settings_errors():

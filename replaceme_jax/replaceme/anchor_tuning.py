@@ -128,9 +128,8 @@ def anchor_fingerprint(settings, cuts, dense) -> dict:
     """What decides the tuned anchors: a saved result is reused only under the same fingerprint."""
     h = settings.heal
     return {"anchor": {"steps": h.anchor_steps, "lr": h.anchor_lr, "loss": h.anchor_loss, "warmup": h.warmup,
-                       "seed": h.seed}, "cuts": [list(c) for c in sorted(cuts)], "model": settings.model,
-            "depth": dense.config.num_hidden_layers, "calibration": settings.calibration.to_dict(),
-            "solver": settings.solver}
+                       "seed": h.seed}, "cuts": [list(c) for c in sorted(cuts)],
+            "depth": dense.config.num_hidden_layers, **settings.pruning_dict()}
 
 
 def tune_or_restore(dense, pruned, batches, cuts, settings, directory=None):

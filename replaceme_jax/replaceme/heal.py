@@ -229,7 +229,7 @@ def _fingerprint(settings, cuts, student, blocks, modules) -> dict:
     h.pop("checkpoint_every", None)  # how often state is saved does not change the run
     return {"heal": h, "cuts": [list(c) for c in sorted(cuts)],
             "blocks": blocks, "modules": modules, "depth": student.config.num_hidden_layers,
-            "hidden_size": student.config.hidden_size, "calibration": settings.calibration.to_dict()}
+            "hidden_size": student.config.hidden_size, **settings.pruning_dict()}
 
 
 class _Store:
