@@ -400,10 +400,9 @@ def _validate(s: Settings) -> None:
         s.alpha_values()
     _choice("multi_cut", s.multi_cut, MULTI_CUT)
     _validate_budget(s)
+    from replaceme_jax.replaceme.refit import WEIGHTINGS, parse_grid
     if s.refit.anchor:
-        from replaceme_jax.replaceme.refit import parse_grid
         parse_grid(s.refit.alpha_grid)
-    from replaceme_jax.replaceme.refit import WEIGHTINGS
     _choice("refit.weighting", s.refit.weighting, WEIGHTINGS)
     _validate_heal(s.heal)
     k = s.cosine

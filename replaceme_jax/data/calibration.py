@@ -87,7 +87,7 @@ def load_calibration_texts(
         drawn = [load_calibration_texts(c, num_samples=n, seed=seed, part=part, validation_fraction=validation_fraction,
                                         text_column=text_column, messages_column=messages_column, tokenizer=tokenizer,
                                         hf_config=hf_config, hf_split=hf_split) for c, n in zip(components, shares)]
-        return [t for i in range(max(map(len, drawn))) for texts in drawn if i < len(texts) for t in (texts[i],)]
+        return [texts[i] for i in range(max(map(len, drawn))) for texts in drawn if i < len(texts)]  # round-robin
 
     texts = _dedupe(_source_texts(source, text_column=text_column, messages_column=messages_column,
                                   tokenizer=tokenizer, hf_config=hf_config, hf_split=hf_split))

@@ -47,8 +47,7 @@ def _kernel_sums(model, input_ids, attention_mask, cut: Cut, shift, include_pad:
     ``weighting="token"`` weighs each token by 1 / ||L_t||², its target's energy (the sums of a
     per-token relative error), so a few high-norm tokens do not dominate the fit."""
     mask = (attention_mask > 0).astype(jnp.float32)
-    w = jnp.broadcast_to((mask.sum(-1, keepdims=True) > 0).astype(jnp.float32), mask.shape) if include_pad else mask
-    tokens = w
+    tokens = jnp.broadcast_to((mask.sum(-1, keepdims=True) > 0).astype(jnp.float32), mask.shape) if include_pad else mask
     cos, sin, biases = model.attention_inputs(attention_mask)
     h = constrain(model.embed(input_ids), plan, RESIDUAL)
     s, e = cut
@@ -61,7 +60,7 @@ def _kernel_sums(model, input_ids, attention_mask, cut: Cut, shift, include_pad:
         else:
             h = layer(h, cos, sin, biases[k])
         h = constrain(h, plan, RESIDUAL)
-    w = w.astype(acc)
+    w = tokens.astype(acc)
     if weighting == "token":
         energy = jnp.sum(jnp.square(h.astype(acc)), -1)
         w = w / jnp.maximum(energy, jnp.finfo(acc).tiny)
