@@ -26,6 +26,7 @@ CANDIDATES = ("all", "selected")
 MULTI_CUT = ("auto", "one_pass", "sequential")
 COSINE_INIT = ("lstsq", "identity")
 RIDGE_TARGETS = ("zero", "identity")
+LAYOUTS = ("passages", "stream")
 # Transform estimators. Closed form: from the normal equations of the statistics pass. Token: Optax on
 # streamed calibration tokens (the cosine objective of the paper, its accurate form, or plain MSE).
 CLOSED_FORM_SOLVERS = ("lstsq", "diag", "orth_diag")
@@ -75,6 +76,7 @@ class CalibrationSettings(_Section):
     add_bos: str | bool = "auto"       # auto | True | False (CLI strings true/false/auto parsed)
     include_pad: bool = False
     packing: bool = True
+    layout: str = "passages"           # passages: one sequence each | stream: joined, cut into full rows
     validation_fraction: float = 0.1   # share of the source held out as the validation part
     validation_samples: int = 32       # validation passages the search rule scores each cut on
 
@@ -374,6 +376,7 @@ def _validate(s: Settings) -> None:
                              "None in Python takes every passage)")
     _at_least("calibration.max_length", c.max_length, 2)
     _at_least("calibration.batch_size", c.batch_size, 1)
+    _choice("calibration.layout", c.layout, LAYOUTS, "calibration layout")
     _at_least("calibration.seed", c.seed, 0)
     if not 0.0 <= c.validation_fraction < 1.0:
         raise ReplaceMeError(f"calibration.validation_fraction={c.validation_fraction} must be in [0, 1): the "

@@ -64,6 +64,7 @@ BAD_SETTINGS = [
     ("calibration.validation_samples", 0, r"validation_samples=0 must be at least 1"),
     ("calibration.seed", -1, r"calibration.seed=-1 must be at least 0"),
     ("calibration.source", "", r"calibration.source is empty"),
+    ("calibration.layout", "streem", r"calibration.layout='streem': unknown calibration layout; did you mean 'stream'"),
     ("calibration.include_pad", "perhaps", r"'calibration.include_pad' must be true or false"),
     ("eval.window", 1, r"eval.window=1 must be at least 2"),
     ("eval.perplexity_windows", -1, r"eval.perplexity_windows=-1 must be at least 0"),
@@ -188,6 +189,8 @@ BAD_CLI = [
     (PRUNE + ["stray"], r"unexpected arguments"),
     (PRUNE + ["--config.output_dir={existing}"], r"already holds files.*--config.overwrite=True"),
     (PRUNE + ["--config.output_dir={file}"], r"is a file"),
+    ([sys.executable, str(ROOT / "scripts/score_heldout.py"), "--models=a,b", "--names=x"], r"--names has 1 entries for 2"),
+    ([sys.executable, str(ROOT / "scripts/score_heldout.py")], r"--models is empty"),
 ]
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from replaceme_jax.data import (
     MAX_SEGMENTS, Batch, count_shapes, default_buckets, heldout_wikipedia_articles, load_calibration_texts,
-    make_batches, normalize_messages, render_chat, segment_lengths, tokenize_texts)
+    make_batches, normalize_messages, render_chat, segment_lengths, stream_token_rows, tokenize_texts)
 from replaceme_jax.data import calibration, corpora
 from replaceme_jax.data.cache import cached_json
 from replaceme_jax.errors import ReplaceMeError
@@ -348,6 +348,46 @@ def test_tokenize_texts(tiny_tokenizer):
         tokenize_texts("the cat", tiny_tokenizer, max_length=8)
     with pytest.raises(ReplaceMeError, match="max_length"):
         tokenize_texts(["the cat"], tiny_tokenizer, max_length=0)
+
+
+def test_stream_token_rows(tiny_tokenizer):
+    ids = tiny_tokenizer.convert_tokens_to_ids
+    texts = ["the cat sat", "", "the dog sat on a mat", "hello world"]
+    stream = ids("the cat sat the dog sat on a mat hello world".split())  # the blank-line joins are spaces here
+    rows = stream_token_rows(texts, tiny_tokenizer, max_length=4)
+    assert [r.tolist() for r in rows] == [stream[0:4], stream[4:8], stream[8:11]]
+    assert all(r.dtype == np.int32 for r in rows)
+    bos = tiny_tokenizer.bos_token_id
+    with_bos = stream_token_rows(texts, tiny_tokenizer, max_length=4, add_bos=True)
+    assert [r.tolist() for r in with_bos] == [[bos, *stream[0:3]], [bos, *stream[3:6]], [bos, *stream[6:9]],
+                                              [bos, *stream[9:11]]]
+    # a last piece under two tokens has no next-token target: dropped
+    assert [r.size for r in stream_token_rows(["one two three one two"], tiny_tokenizer, max_length=4)] == [4]
+    assert stream_token_rows(["", " "], tiny_tokenizer, max_length=4) == []
+    with pytest.raises(ReplaceMeError, match="single string"):
+        stream_token_rows("the cat", tiny_tokenizer, max_length=8)
+    with pytest.raises(ReplaceMeError, match="no room after BOS"):
+        stream_token_rows(["the cat"], tiny_tokenizer, max_length=1, add_bos=True)
+
+
+def test_stream_layout_fills_rows(tmp_path, tiny_tokenizer):
+    from replaceme_jax.replaceme.pipeline import calibration_batches
+    from replaceme_jax.settings import Settings
+    f = tmp_path / "cats.txt"
+    f.write_text("\n\n".join(f"the cat sat on {'a mat ' * i}" for i in range(60)))
+    base = Settings().replace(**{"calibration.source": str(f), "calibration.num_samples": 40,
+                                 "calibration.max_length": 16, "calibration.batch_size": 4})
+    passages = calibration_batches(tiny_tokenizer, base.replace(**{"calibration.max_length": 512}))  # untruncated
+    stream = calibration_batches(tiny_tokenizer, base.replace(**{"calibration.layout": "stream"}))
+    tokens = lambda bs: np.concatenate([np.asarray(b.input_ids)[np.asarray(b.attention_mask) > 0] for b in bs])
+    assert sorted(tokens(stream).tolist()) == sorted(tokens(passages).tolist())  # same text, other layout
+    masks = np.concatenate([np.asarray(b.attention_mask) for b in stream])
+    assert set(np.unique(masks)) <= {0, 1}  # one sequence per row
+    used = (masks > 0).sum(axis=1)
+    assert ((used > 0) & (used < 16)).sum() <= 1  # every row full but the stream's last piece
+    assert (used == 16).sum() == len(tokens(stream)) // 16
+    with pytest.raises(ReplaceMeError, match="calibration.layout='streem'.*did you mean 'stream'"):
+        base.replace(**{"calibration.layout": "streem"})
 
 
 def test_default_buckets():

@@ -67,6 +67,34 @@ def tokenize_texts(texts, tokenizer, max_length: int, add_bos: bool = True) -> l
     return out
 
 
+def stream_token_rows(texts, tokenizer, max_length: int, add_bos: bool = False,
+                      separator: str = "\n\n") -> list[np.ndarray]:
+    """Texts joined by ``separator`` into one token stream, cut into rows of ``max_length`` tokens.
+
+    The layout of held-out perplexity windows (``eval.perplexity``) and of pre-training: every row is
+    full, so calibration covers every position up to ``max_length`` instead of each passage's own
+    short span. With ``add_bos`` each row starts with BOS (one stream token fewer per row). A last
+    piece shorter than ``MIN_TOKENS`` is dropped.
+    """
+    if tokenizer is None:
+        raise ReplaceMeError("stream_token_rows needs a tokenizer; fix: pass the model's tokenizer")
+    _check_positive_int(max_length, "max_length")
+    if isinstance(texts, str):
+        raise ReplaceMeError("stream_token_rows takes a list of texts, got a single string; fix: wrap it in a list")
+    texts = [t for t in texts if isinstance(t, str) and t.strip()]
+    if not texts:
+        return []
+    bos = getattr(tokenizer, "bos_token_id", None) if add_bos else None
+    stream = np.asarray(tokenizer(separator.join(texts), add_special_tokens=False)["input_ids"], dtype=np.int32)
+    step = max_length - (bos is not None)
+    if step < 1:
+        raise ReplaceMeError(f"max_length={max_length} leaves no room after BOS; fix: max_length >= 2")
+    rows = [stream[i:i + step] for i in range(0, stream.size, step)]
+    if bos is not None:
+        rows = [np.concatenate([np.asarray([bos], np.int32), r]) for r in rows]
+    return [r for r in rows if r.size >= MIN_TOKENS]
+
+
 def default_buckets(max_length: int, longest: int | None = None) -> tuple[int, ...]:
     """Lengths p and 1.5 p for powers of two p from 64 (or the next power of two >= ``longest`` if
     that is smaller) below ``max_length``, then ``max_length`` itself.

@@ -28,6 +28,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.calibration.include_pad = False   # True reproduces the official code (pads counted)
     c.calibration.packing = True        # several sequences per row, kept apart by the mask (fewer
                                         # positions run; ignored with include_pad)
+    c.calibration.layout = "passages"   # passages: each its own sequence | stream: passages joined by a
+                                        # blank line and cut into max_length rows (long-context positions)
     c.calibration.validation_fraction = 0.1  # share of the source held out (search rule's validation)
     c.calibration.validation_samples = 32    # validation passages the search rule scores cuts on
 

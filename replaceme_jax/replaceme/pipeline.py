@@ -86,10 +86,11 @@ def healing_batches(tokenizer, cfg: Settings):
 
 
 def batches_from_texts(texts, tokenizer, cal):
-    """Texts -> the static-shape batches of the ``calibration`` settings (length, batch size, packing)."""
-    from replaceme_jax.data import make_batches, tokenize_texts
+    """Texts -> the static-shape batches of the ``calibration`` settings (layout, length, batch size, packing)."""
+    from replaceme_jax.data import make_batches, stream_token_rows, tokenize_texts
     c = cal.calibration
-    tokens = tokenize_texts(texts, tokenizer, c.max_length, add_bos=cal.resolved_add_bos(tokenizer))
+    tokenize = stream_token_rows if c.layout == "stream" else tokenize_texts
+    tokens = tokenize(texts, tokenizer, c.max_length, add_bos=cal.resolved_add_bos(tokenizer))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # Packing needs every real token weighted alike: the official pad-counting mode keeps one per row.
     pack = c.packing and not c.include_pad
