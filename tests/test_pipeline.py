@@ -49,6 +49,12 @@ def test_end_to_end_writes_everything(e2e):
         assert (result and __import__("os").path.exists(f"{out}/{f}")), f
     ppl = saved["heldout_perplexity"]
     assert ppl["pruned"]["ppl"] > ppl["dense"]["ppl"] > 1
+    from replaceme_jax.replaceme.report import format_report
+    cal = saved["calibration"]
+    assert cal["layout"] == "passages" and cal["passages"] == 16
+    assert f"calibration: {cal['sequences']} sequences, {cal['tokens']} tokens from boolq" in format_report(saved)
+    stream = {**saved, "calibration": {**cal, "layout": "stream", "sequences": 5}}
+    assert f"calibration: 16 passages joined into 5 rows, {cal['tokens']} tokens" in format_report(stream)
 
 
 def test_exported_checkpoint_matches_transformers(e2e):

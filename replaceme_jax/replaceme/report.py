@@ -49,6 +49,7 @@ def build_report(cfg, dense, result, batches, evaluation: dict, times: dict) -> 
         "calibration": {"source": cfg.calibration.source, "sequences": sum(b.num_sequences for b in batches),
                         "tokens": int(sum(b.num_tokens for b in batches)),
                         "batch_shapes": sorted({tuple(b.input_ids.shape) for b in batches}),
+                        "layout": cfg.calibration.layout, "passages": cfg.calibration.num_samples,
                         "include_pad": cfg.calibration.include_pad,
                         # The share of the source's texts held out (never calibrated on) for validation.
                         "validation_fraction": cfg.calibration.validation_fraction},
@@ -124,7 +125,11 @@ def format_report(report: dict) -> str:
              f"{report['parameters']['dense'] / 1e6:.1f}M -> {report['parameters']['pruned'] / 1e6:.1f}M parameters"]
     cal = report["calibration"]
     held_out = cal.get("validation_fraction")
-    lines.append(f"calibration: {cal['sequences']} sequences, {cal['tokens']} tokens from {cal['source']} "
+    if cal.get("layout") == "stream":  # the rows are pieces of one stream, not passages
+        what = f"{cal.get('passages') or 'all'} passages joined into {cal['sequences']} rows"
+    else:
+        what = f"{cal['sequences']} sequences"
+    lines.append(f"calibration: {what}, {cal['tokens']} tokens from {cal['source']} "
                  f"(pads {'included' if cal['include_pad'] else 'excluded'}"
                  + (f"; {held_out:.0%} of its texts held out for validation)" if held_out else ")"))
     lines.append(f"selection: {report['selection']}, solver: {report['solver']} (alpha={report['alpha']})")
