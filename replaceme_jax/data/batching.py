@@ -47,12 +47,7 @@ def tokenize_texts(texts, tokenizer, max_length: int, add_bos: bool = True) -> l
     ``add_bos`` and the text does not already start with it (a chat-rendered text usually
     does), so BOS is never doubled whatever the tokenizer's defaults.
     """
-    if tokenizer is None:
-        raise ReplaceMeError("tokenize_texts needs a tokenizer; fix: pass the model's tokenizer")
-    _check_positive_int(max_length, "max_length")
-    if isinstance(texts, str):
-        raise ReplaceMeError("tokenize_texts takes a list of texts, got a single string; fix: wrap it in a list")
-    texts = [t for t in texts if isinstance(t, str) and t.strip()]
+    texts = _nonempty_texts(texts, tokenizer, max_length, "tokenize_texts")
     if not texts:
         return []
     bos = getattr(tokenizer, "bos_token_id", None) if add_bos else None
@@ -76,12 +71,7 @@ def stream_token_rows(texts, tokenizer, max_length: int, add_bos: bool = False,
     short span. With ``add_bos`` each row starts with BOS (one stream token fewer per row). A last
     piece shorter than ``MIN_TOKENS`` is dropped.
     """
-    if tokenizer is None:
-        raise ReplaceMeError("stream_token_rows needs a tokenizer; fix: pass the model's tokenizer")
-    _check_positive_int(max_length, "max_length")
-    if isinstance(texts, str):
-        raise ReplaceMeError("stream_token_rows takes a list of texts, got a single string; fix: wrap it in a list")
-    texts = [t for t in texts if isinstance(t, str) and t.strip()]
+    texts = _nonempty_texts(texts, tokenizer, max_length, "stream_token_rows")
     if not texts:
         return []
     bos = getattr(tokenizer, "bos_token_id", None) if add_bos else None
@@ -234,6 +224,16 @@ def sequences(batch) -> list[np.ndarray]:
 def segment_lengths(batch) -> list[int]:
     """Length of every sequence in ``batch`` (packed or not), row by row."""
     return [s.size for s in sequences(batch)]
+
+
+def _nonempty_texts(texts, tokenizer, max_length: int, caller: str) -> list[str]:
+    """The non-blank strings of ``texts``, after checking the arguments every tokenising entry point takes."""
+    if tokenizer is None:
+        raise ReplaceMeError(f"{caller} needs a tokenizer; fix: pass the model's tokenizer")
+    _check_positive_int(max_length, "max_length")
+    if isinstance(texts, str):
+        raise ReplaceMeError(f"{caller} takes a list of texts, got a single string; fix: wrap it in a list")
+    return [t for t in texts if isinstance(t, str) and t.strip()]
 
 
 def _check_positive_int(value, name: str) -> None:
