@@ -22,6 +22,7 @@ from replaceme_jax.errors import ReplaceMeError
 
 MIN_TOKENS = 2  # a sequence needs a next-token target to say anything about the model
 MAX_SEGMENTS = 16  # sequences per packed row: consumers reserve this many last-token slots per row
+TEXT_SEPARATOR = "\n\n"  # joins texts into one stream: held-out corpora and the stream calibration layout
 _SMALLEST_DEFAULT_BUCKET = 64
 
 
@@ -62,8 +63,13 @@ def tokenize_texts(texts, tokenizer, max_length: int, add_bos: bool = True) -> l
     return out
 
 
+def encode_stream(tokenizer, texts, separator: str = TEXT_SEPARATOR) -> np.ndarray:
+    """Token ids (int32) of the texts joined by ``separator``, without special tokens."""
+    return np.asarray(tokenizer.encode(separator.join(texts), add_special_tokens=False), np.int32)
+
+
 def stream_token_rows(texts, tokenizer, max_length: int, add_bos: bool = False,
-                      separator: str = "\n\n") -> list[np.ndarray]:
+                      separator: str = TEXT_SEPARATOR) -> list[np.ndarray]:
     """Texts joined by ``separator`` into one token stream, cut into rows of ``max_length`` tokens.
 
     The layout of held-out perplexity windows (``eval.perplexity``) and of pre-training: every row is
@@ -75,7 +81,7 @@ def stream_token_rows(texts, tokenizer, max_length: int, add_bos: bool = False,
     if not texts:
         return []
     bos = getattr(tokenizer, "bos_token_id", None) if add_bos else None
-    stream = np.asarray(tokenizer(separator.join(texts), add_special_tokens=False)["input_ids"], dtype=np.int32)
+    stream = encode_stream(tokenizer, texts, separator)
     step = max_length - (bos is not None)
     if step < 1:
         raise ReplaceMeError(f"max_length={max_length} leaves no room after BOS; fix: max_length >= 2")

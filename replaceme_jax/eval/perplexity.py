@@ -15,11 +15,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from replaceme_jax.data.batching import TEXT_SEPARATOR, encode_stream
 from replaceme_jax.errors import ReplaceMeError
 from replaceme_jax.eval.scoring import TokenScorer
 
 DEFAULT_WINDOW = 1024
-DEFAULT_SEPARATOR = "\n\n"
+DEFAULT_SEPARATOR = TEXT_SEPARATOR
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +68,7 @@ def tokenize_corpus(tokenizer, texts: Sequence[str], separator: str = DEFAULT_SE
         texts = [texts]
     if not texts or not any(t.strip() for t in texts):
         raise ReplaceMeError("the perplexity corpus is empty; give at least one non-empty text")
-    return np.asarray(tokenizer.encode(separator.join(texts), add_special_tokens=False), np.int32)
+    return encode_stream(tokenizer, texts, separator)
 
 
 def perplexity(model, tokenizer_or_token_ids, texts: Sequence[str] | None = None, *,
