@@ -46,3 +46,23 @@ def test_short_or_odd_rows_take_the_plain_path():
         bias = attention_bias(jnp.ones((1, t), jnp.int32))
         np.testing.assert_array_equal(np.asarray(causal_attention(q, k, v, bias)),
                                       np.asarray(_attend(q, k, v, bias)))
+
+
+@pytest.mark.parametrize("t", [256, 300])
+def test_span_bias_reads_only_the_keys_packed_items_can_see(t):
+    """Rows packed with items of at most n tokens: each query chunk reading only its last
+    n + chunk - 1 keys gives plain attention's result; a shorter span would not."""
+    rng = np.random.default_rng(t)
+    b, kv, g, d, n = 2, 2, 3, 16, 50
+    q = jnp.asarray(rng.standard_normal((b, kv, g, t, d)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((b, kv, t, d)), jnp.float32) for _ in range(2))
+    segments = np.stack([1 + np.arange(t) // n, 1 + (np.arange(t) + 17) // n]).astype(np.int32)
+    segments[1, -5:] = 0  # right padding
+    bias = attention_bias(jnp.asarray(segments))
+    want = np.asarray(_attend(q, k, v, bias))
+    span = n + modeling.ATTENTION_CHUNK - 1
+    got = np.asarray(causal_attention(q, k, v, modeling.SpanBias(bias, span)))
+    np.testing.assert_allclose(got[1, :, :, :-5], want[1, :, :, :-5], atol=2e-6, rtol=1e-5)
+    np.testing.assert_allclose(got[0], want[0], atol=2e-6, rtol=1e-5)
+    short = np.asarray(causal_attention(q, k, v, modeling.SpanBias(bias, modeling.ATTENTION_CHUNK)))
+    assert np.abs(short - want).max() > 1e-2

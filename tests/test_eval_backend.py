@@ -117,7 +117,8 @@ def test_length_bucketing_bounds_compiled_shapes(backends):
     assert scorer.positions_run - before[0] < 1.3 * (scorer.tokens_fed - before[1])
     # Each bucket runs full batches plus at most one power-of-two tail batch.
     assert len(scorer.shapes) <= 2 * len(scorer.buckets), scorer.shapes
-    for rows, length in scorer.shapes:
+    for rows, length, span in scorer.shapes:
+        assert span is None  # one-chunk rows read all their keys
         full = scorer.batch_size_for(length)
         assert length in scorer.buckets and (rows == full or (rows < full and rows & (rows - 1) == 0))
 

@@ -14,8 +14,10 @@ for many (context, continuation) pairs at once, spending little on what is not n
 * **Several items per row.** Items are packed best-fit, longest first, into rows kept apart by
   the tree mask; the row width comes from a ladder of multiples of the attention chunk (1.33-1.5x
   apart), picked per workload by a cost model (positions run, padding included, plus the keys each
-  query reads), so 150-token items do not sit in 256-token rows. The number of compiled shapes is
-  bounded by ``len(buckets) * log2(max_batch_size)`` whatever the workload.
+  query reads), so 150-token items do not sit in 256-token rows. A query chunk of a wide row
+  reads only the keys its batch's longest item can span (``modeling.SpanBias``), not every key
+  before it. The number of compiled shapes is bounded by ``len(buckets)² * log2(max_batch_size)``
+  whatever the workload (row width x key span x rows).
 * **The LM head only where a token is scored.** The blocks run over whole rows; the final norm,
   the vocabulary projection and the log-softmax run on the scored positions only, in steps of
   ``HEAD_CHUNK`` rows, which on a 49k vocabulary is a fifth of a small model's FLOPs per token.
@@ -35,11 +37,13 @@ import numpy as np
 from flax import nnx
 
 from replaceme_jax.errors import ReplaceMeError
-from replaceme_jax.models.modeling import ATTENTION_CHUNK, layer_windows, parameter_count, rope_cos_sin
+from replaceme_jax.models.modeling import ATTENTION_CHUNK, SpanBias, layer_windows, parameter_count, rope_cos_sin
 
 _MASK_VALUE = float(np.finfo(np.float32).min)
 MIN_SCORED_BUCKET = 64  # smallest padded count of scored positions per batch
-HEAD_CHUNK = 256  # scored positions per step of the LM head (bounds the [P, vocab] logits)
+# Scored positions per step of the LM head: bounds the [P, vocab] logits; 128 rows of a 49k
+# vocabulary (25 MB) ran the head 1.2-1.4x faster than 256 on this CPU (cache-resident passes).
+HEAD_CHUNK = 128
 # Attention FLOPs run this much slower than the projections on CPU: SmolLM2's blocks took 1.30 ms
 # per position in 128-token rows and 1.43 ms in 512-token rows (2 cores), 160 more keys per query.
 ATTENTION_SLOWDOWN = 2.0
@@ -89,13 +93,16 @@ def tree_attention_bias(ends, positions, window: int | None = None):
 
 # The graph definition is static: models of one architecture (e.g. every pruned model with the
 # same cuts) share compiled executables across scorers and calls.
-@functools.partial(jax.jit, static_argnums=0)
-def _hidden_states(graphdef, state, ids, ends, positions):
-    """Last block's output [B, T, d] of packed rows (before the final norm)."""
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _hidden_states(graphdef, state, ids, ends, positions, span):
+    """Last block's output [B, T, d] of packed rows (before the final norm). ``span``: keys a
+    query chunk reads at most (None: all up to its end), see ``modeling.SpanBias``."""
     model = nnx.merge(graphdef, state)
     cos, sin = rope_cos_sin(model.config, positions)
     windows = layer_windows(model.config)
     biases = {w: tree_attention_bias(ends, positions, w) for w in set(windows)}
+    if span is not None:
+        biases = {w: SpanBias(b, span) for w, b in biases.items()}
     h = model.embed(ids)
     for *_, h in model.blocks(h, cos, sin, [biases[w] for w in windows]):
         pass
@@ -112,7 +119,12 @@ def _scored_logprobs(graphdef, state, hidden, targets):
         h, t = args
         logits = model.head(h)                                   # [rows, V] float32
         picked = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
-        return picked - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == t
+        # One max pass serves the log-sum-exp and the greedy test (an argmax pass over the
+        # vocabulary cost a fifth of the head). A target tied exactly with an earlier token for
+        # the maximum counts as greedy here, where an argmax would pick the earlier token.
+        top = jnp.max(logits, axis=-1)
+        logz = top + jnp.log(jnp.sum(jnp.exp(logits - top[:, None]), axis=-1))
+        return picked - logz, picked >= top
 
     p, d = hidden.shape
     if p <= HEAD_CHUNK:
@@ -235,7 +247,7 @@ class TokenScorer:
                                  f"{self.max_length}")
         self.max_batch_tokens = int(max_batch_tokens)
         self.max_batch_size = int(max_batch_size)
-        self.shapes: set[tuple[int, int]] = set()  # (rows, width) batches run so far
+        self.shapes: set[tuple[int, int, int | None]] = set()  # (rows, width, key span) run so far
         self.positions_run = 0     # row positions computed (padding included) ...
         self.tokens_fed = 0        # ... of which real tokens
         c = model.config
@@ -281,19 +293,32 @@ class TokenScorer:
                 bisect.insort(free, (room - n, r))
         return rows
 
+    def span_for(self, batch: list[_Row]) -> int | None:
+        """Keys a query chunk of ``batch`` must read (``modeling.SpanBias``): its longest item plus
+        a chunk, rounded up to a bucket so few shapes compile; None when that is the whole row."""
+        need = max(len(item.tokens) for row in batch for item in row.items) + ATTENTION_CHUNK - 1
+        width = batch[0].width
+        span = next((b for b in self.buckets if b >= need), width)
+        return span if span < width else None
+
+    @staticmethod
+    def keys_per_query(width: int, span: int | None) -> float:
+        """Mean keys a query reads in a row of ``width`` (see ``modeling.causal_attention``)."""
+        c = ATTENTION_CHUNK
+        if width < 2 * c:
+            return float(width)
+        span = span or width
+        return sum(min(c, width - i) * (min(width, i + c) - max(0, i + c - span))
+                   for i in range(0, width, c)) / width
+
     def cost(self, rows: list[_Row]) -> float:
         """Modelled cost of running ``rows``, in position-equivalents: every position run (the
-        padding rows of a last, partial batch included) plus its attention keys (a causal chunk
-        of queries reads the keys up to its end: (width + chunk) / 2 per query on average)."""
-        counts: dict[int, int] = {}
-        for row in rows:
-            counts[row.width] = counts.get(row.width, 0) + 1
+        padding rows of a last, partial batch included) plus its attention keys."""
         total = 0.0
-        for width, n in counts.items():
-            full = self.batch_size_for(width)
-            run = (n // full) * full + (self._rows_run(n % full, full) if n % full else 0)
-            keys = (width + ATTENTION_CHUNK) / 2 if width >= 2 * ATTENTION_CHUNK else width
-            total += run * width * (1 + self.key_cost * keys)
+        for batch in self._batches(rows):
+            width = batch[0].width
+            run = self._rows_run(len(batch), self.batch_size_for(width))
+            total += run * width * (1 + self.key_cost * self.keys_per_query(width, self.span_for(batch)))
         return total
 
     def _pack(self, items: list[_Item]) -> list[_Row]:
@@ -339,10 +364,11 @@ class TokenScorer:
                 owners += item.owners
                 at += n
             self.tokens_fed += at
-        self.shapes.add(ids.shape)
         self.positions_run += ids.size
+        span = self.span_for(batch)
+        self.shapes.add((*ids.shape, span))
         hidden = _hidden_states(self._graphdef, self._state, jnp.asarray(ids), jnp.asarray(ends),
-                                jnp.asarray(pos))
+                                jnp.asarray(pos), span)
         # Gather the scored positions on the host (a view on CPU), so the head's compiled shapes
         # depend on their count only, not on the batch layout.
         hidden = np.asarray(hidden)

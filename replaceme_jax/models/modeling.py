@@ -139,17 +139,33 @@ def _attend(q, k, v, bias):
     return jnp.einsum("bkgts,bksd->bkgtd", probs, v)
 
 
+@dataclasses.dataclass(frozen=True)
+class SpanBias:
+    """A causal attention bias [b, t, t] whose visible keys all lie within the last ``span`` keys
+    up to the end of each query's chunk, so ``causal_attention`` reads only those. Rows packed with
+    independent items of at most n tokens qualify with ``span >= n + chunk - 1`` (a query's item
+    starts at most n - 1 tokens before it). ``span`` is static (a Python int)."""
+    bias: jax.Array
+    span: int
+
+
 def causal_attention(q, k, v, bias, chunk: int | None = None):
     """``_attend`` for a causal ``bias`` (as ``attention_bias`` makes), skipping the all-masked
     blocks of the score matrix: queries in chunks of ``chunk`` (default ``ATTENTION_CHUNK``), each
-    against the keys up to its end. With c chunks a row runs (c + 1) / 2c of the attention FLOPs
-    (9/16 at 512 tokens); rows shorter than two chunks run whole. Same results."""
+    against the keys up to its end (with a ``SpanBias``, only its last ``span`` of them). With c
+    chunks a row runs (c + 1) / 2c of the attention FLOPs (9/16 at 512 tokens); rows shorter than
+    two chunks run whole. Same results."""
     chunk = chunk or ATTENTION_CHUNK
+    span = None
+    if isinstance(bias, SpanBias):
+        bias, span = bias.bias, bias.span
     t = q.shape[3]
     if t < 2 * chunk or k.shape[2] != t:
         return _attend(q, k, v, bias)
-    out = jnp.concatenate([_attend(q[:, :, :, i:i + chunk], k[:, :, :i + chunk], v[:, :, :i + chunk],
-                                   bias[:, i:i + chunk, :i + chunk]) for i in range(0, t, chunk)], axis=3)
+    starts = [0 if span is None else max(0, i + chunk - span) for i in range(0, t, chunk)]
+    out = jnp.concatenate([_attend(q[:, :, :, i:i + chunk], k[:, :, lo:i + chunk], v[:, :, lo:i + chunk],
+                                   bias[:, i:i + chunk, lo:i + chunk])
+                           for lo, i in zip(starts, range(0, t, chunk))], axis=3)
     # A query that sees no key at all (left padding) gets the mean of every value, as a full row of
     # equal masked scores gives; by causality no chunk's cut-off keys were visible to anyone else.
     blind = jnp.max(bias, axis=-1) < 0  # [b, t]
