@@ -4,8 +4,9 @@
         --names=dense,passages,stream --ppl_windows=64 --output_dir=runs/heldout_layout
 
 Every model is scored on the same windows of the Wikipedia excerpt (the report's corpus) and of
-LAMBADA-OpenAI passages (fiction), neither used for calibration, selection or healing; the first
-model is the reference of the "x dense" ratios. Writes heldout.json and heldout.md.
+LAMBADA-OpenAI passages (fiction), or of the ``--genres`` chosen (``science``: SciQ's support
+paragraphs), none used for calibration, selection or healing; the first model is the reference of
+the "x dense" ratios. Writes heldout.json and heldout.md.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ MODELS = flags.DEFINE_list("models", None, "Registry names or checkpoint paths (
 NAMES = flags.DEFINE_list("names", None, "Display names, one per model (default: the model strings).")
 WINDOWS = flags.DEFINE_integer("ppl_windows", 16, "Windows per genre (default 16; 0: every window of both corpora).")
 WINDOW = flags.DEFINE_integer("ppl_window", 1024, "Tokens per window.")
+GENRES = flags.DEFINE_list("genres", ["wikipedia", "fiction"], "Held-out genres: wikipedia, fiction (LAMBADA "
+                           "passages), science (SciQ support paragraphs).")
 OUT = flags.DEFINE_string("output_dir", None, "Where heldout.json and heldout.md go (optional).")
 
 
@@ -37,6 +40,11 @@ def main(argv) -> int:
         raise ReplaceMeError(f"--names has {len(names)} entries for {len(models)} models; fix: one name per model")
     if WINDOWS.value < 0 or WINDOW.value < 2:
         raise ReplaceMeError("--ppl_windows must be >= 0 (0: all) and --ppl_window >= 2")
+    from replaceme_jax.eval.perplexity import GENRES as KNOWN
+    unknown = [g for g in GENRES.value if g not in KNOWN]
+    if unknown or not GENRES.value:
+        raise ReplaceMeError(f"--genres: unknown or empty {unknown or GENRES.value}; fix: a comma-separated "
+                             f"subset of {','.join(KNOWN)}")
     from replaceme_jax.checkpoints import load_pretrained
     from replaceme_jax.eval.perplexity import held_out_genres
     from replaceme_jax.io_utils import atomic_write_json, atomic_write_text
@@ -46,7 +54,8 @@ def main(argv) -> int:
         t0 = time.perf_counter()
         model, tok = load_pretrained(path)
         if genres is None:  # one tokenisation of the corpora; every model shares the first's tokenizer
-            genres = held_out_genres(tok, max_windows=WINDOWS.value or None, window=WINDOW.value)
+            genres = held_out_genres(tok, max_windows=WINDOWS.value or None, window=WINDOW.value,
+                                     genres=GENRES.value)
         results = {g: scorer(model, progress=f"{name}, {g}") for g, scorer in genres.items()}
         rows.append({"name": name, "model": path, "blocks": model.config.num_hidden_layers,
                      "seconds": round(time.perf_counter() - t0, 1),

