@@ -26,7 +26,7 @@ CANDIDATES = ("all", "selected")
 MULTI_CUT = ("auto", "one_pass", "sequential")
 COSINE_INIT = ("lstsq", "identity")
 RIDGE_TARGETS = ("zero", "identity")
-LAYOUTS = ("passages", "stream")
+LAYOUTS = ("passages", "stream", "mixed")
 # Transform estimators. Closed form: from the normal equations of the statistics pass. Token: Optax on
 # streamed calibration tokens (the cosine objective of the paper, its accurate form, or plain MSE).
 CLOSED_FORM_SOLVERS = ("lstsq", "diag", "orth_diag")
@@ -77,6 +77,7 @@ class CalibrationSettings(_Section):
     include_pad: bool = False
     packing: bool = True
     layout: str = "passages"           # passages: one sequence each | stream: joined, cut into full rows
+                                       # | mixed: the first half as passages, the second as a stream
     validation_fraction: float = 0.1   # share of the source held out as the validation part
     validation_samples: int = 32       # validation passages the search rule scores each cut on
 

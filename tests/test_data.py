@@ -388,6 +388,18 @@ def test_stream_layout_fills_rows(tmp_path, tiny_tokenizer):
     assert (used == 16).sum() == len(tokens(stream)) // 16
     with pytest.raises(ReplaceMeError, match="calibration.layout='streem'.*did you mean 'stream'"):
         base.replace(**{"calibration.layout": "streem"})
+    # mixed: the first half of the passages as their own sequences, the second half as a stream.
+    mixed = calibration_batches(tiny_tokenizer, base.replace(**{"calibration.layout": "mixed",
+                                                                "calibration.max_length": 512}))
+    assert sorted(tokens(mixed).tolist()) == sorted(tokens(passages).tolist())
+    segments = []  # packed rows hold several sequences, told apart by the mask's segment ids
+    for b in mixed:
+        ids, mask = np.asarray(b.input_ids), np.asarray(b.attention_mask)
+        segments += [ids[r][mask[r] == k] for r in range(ids.shape[0]) for k in np.unique(mask[r]) if k > 0]
+    texts = {f"the cat sat on {'a mat ' * i}".strip() for i in range(60)}
+    alone = [seg for seg in segments if tiny_tokenizer.decode(seg.tolist()).strip() in texts]
+    assert len(alone) == 20  # 20 passages as their own sequences ...
+    assert len(segments) > 20 and max(seg.size for seg in segments) == 512  # ... the rest joined into full rows
 
 
 def test_default_buckets():

@@ -55,6 +55,9 @@ def test_end_to_end_writes_everything(e2e):
     assert f"calibration: {cal['sequences']} sequences, {cal['tokens']} tokens from boolq" in format_report(saved)
     stream = {**saved, "calibration": {**cal, "layout": "stream", "sequences": 5}}
     assert f"calibration: 16 passages joined into 5 rows, {cal['tokens']} tokens" in format_report(stream)
+    mixed = {**saved, "calibration": {**cal, "layout": "mixed", "sequences": 11}}
+    assert ("calibration: 16 passages, the first half as sequences and the rest joined (11 rows), "
+            f"{cal['tokens']} tokens") in format_report(mixed)
 
 
 def test_exported_checkpoint_matches_transformers(e2e):

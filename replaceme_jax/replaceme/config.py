@@ -30,6 +30,7 @@ def default_config() -> ml_collections.ConfigDict:
                                         # positions run; ignored with include_pad)
     c.calibration.layout = "passages"   # passages: each its own sequence | stream: passages joined by a
                                         # blank line and cut into max_length rows (long-context positions)
+                                        # | mixed: the first half of the passages as passages, the rest as a stream
     c.calibration.validation_fraction = 0.1  # share of the source held out (search rule's validation)
     c.calibration.validation_samples = 32    # validation passages the search rule scores cuts on
 

@@ -127,6 +127,9 @@ def format_report(report: dict) -> str:
     held_out = cal.get("validation_fraction")
     if cal.get("layout") == "stream":  # the rows are pieces of one stream, not passages
         what = f"{cal.get('passages') or 'all'} passages joined into {cal['sequences']} rows"
+    elif cal.get("layout") == "mixed":
+        what = (f"{cal.get('passages') or 'all'} passages, the first half as sequences and the rest joined "
+                f"({cal['sequences']} rows)")
     else:
         what = f"{cal['sequences']} sequences"
     lines.append(f"calibration: {what}, {cal['tokens']} tokens from {cal['source']} "
