@@ -168,5 +168,6 @@ def held_out_genres(tokenizer, max_windows: int | None = None, window: int = DEF
     if unknown or not genres:
         raise ReplaceMeError(f"unknown held-out genre(s) {unknown or list(genres)}; fix: choose from "
                              f"{', '.join(GENRES)}")
+    # None: HeldOutPerplexity's own default, the Wikipedia excerpt the report scores.
     texts = {"wikipedia": lambda: None, "fiction": heldout_fiction_texts, "science": heldout_science_texts}
     return {g: HeldOutPerplexity(tokenizer, texts[g](), window=window, max_windows=max_windows) for g in genres}
