@@ -163,11 +163,10 @@ def held_out_genres(tokenizer, max_windows: int | None = None, window: int = DEF
     """Held-out genres never used for calibration, selection or healing, each a
     ``HeldOutPerplexity`` by name: the Wikipedia excerpt and LAMBADA-OpenAI fiction (the studies'
     two), and SciQ's science support paragraphs on request."""
-    from replaceme_jax.data.corpora import heldout_fiction_texts, heldout_science_texts
+    from replaceme_jax.data.corpora import heldout_fiction_texts, heldout_science_texts, heldout_wikipedia_texts
     unknown = [g for g in genres if g not in GENRES]
     if unknown or not genres:
         raise ReplaceMeError(f"unknown held-out genre(s) {unknown or list(genres)}; fix: choose from "
                              f"{', '.join(GENRES)}")
-    # None: HeldOutPerplexity's own default, the Wikipedia excerpt the report scores.
-    texts = {"wikipedia": lambda: None, "fiction": heldout_fiction_texts, "science": heldout_science_texts}
+    texts = {"wikipedia": heldout_wikipedia_texts, "fiction": heldout_fiction_texts, "science": heldout_science_texts}
     return {g: HeldOutPerplexity(tokenizer, texts[g](), window=window, max_windows=max_windows) for g in genres}

@@ -89,15 +89,13 @@ def batches_from_texts(texts, tokenizer, cal):
     """Texts -> the static-shape batches of the ``calibration`` settings (layout, length, batch size, packing)."""
     from replaceme_jax.data import make_batches, stream_token_rows, tokenize_texts
     c = cal.calibration
-    args = (tokenizer, c.max_length)
     bos = cal.resolved_add_bos(tokenizer)
-    if c.layout == "mixed":  # sequence starts (what short task items see) and long positions
-        texts = list(texts)
-        half = len(texts) // 2
-        tokens = tokenize_texts(texts[:half], *args, add_bos=bos) + stream_token_rows(texts[half:], *args, add_bos=bos)
-    else:
-        tokenize = stream_token_rows if c.layout == "stream" else tokenize_texts
-        tokens = tokenize(texts, *args, add_bos=bos)
+    texts = list(texts)
+    # The first n passages are their own sequences, the rest one stream cut into full rows; mixed
+    # gives both sequence starts (what short task items see) and long positions.
+    n = {"passages": len(texts), "stream": 0, "mixed": len(texts) // 2}[c.layout]
+    tokens = (tokenize_texts(texts[:n], tokenizer, c.max_length, add_bos=bos)
+              + stream_token_rows(texts[n:], tokenizer, c.max_length, add_bos=bos))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # Packing needs every real token weighted alike: the official pad-counting mode keeps one per row.
     pack = c.packing and not c.include_pad
