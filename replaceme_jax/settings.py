@@ -142,8 +142,9 @@ def parse_ridge_grid(text: str, field: str, example: str) -> tuple[float, ...]:
 @dataclasses.dataclass(frozen=True)
 class RefitSettings(_Section):
     anchor: bool = True        # re-fit each cut's anchor down_proj in closed form (replaceme/refit.py)
-    alpha_grid: str = "1e-6,1e-5,1e-4,1e-3,1e-2,inf"  # relative ridge toward W T; inf keeps W T
+    alpha_grid: str = "1e-6,1e-5,1e-4,1e-3,1e-2,3e-2,1e-1,inf"  # relative ridge toward W T; inf keeps W T
     weighting: str = "none"    # "token": each token weighs 1 / ||target||² (relative error per token)
+    downstream: int = 0        # re-fit the down_proj of this many blocks after each cut toward the dense stream
 
 
 @dataclasses.dataclass(frozen=True)
@@ -405,7 +406,8 @@ def _validate(s: Settings) -> None:
     _choice("multi_cut", s.multi_cut, MULTI_CUT)
     _validate_budget(s)
     from replaceme_jax.replaceme.refit import WEIGHTINGS, parse_grid
-    if s.refit.anchor:
+    _at_least("refit.downstream", s.refit.downstream, 0, " (blocks after each cut whose down_proj is re-fitted; 0: none)")
+    if s.refit.anchor or s.refit.downstream:
         parse_grid(s.refit.alpha_grid)
     _choice("refit.weighting", s.refit.weighting, WEIGHTINGS)
     _validate_heal(s.heal)

@@ -172,8 +172,9 @@ def prune(mesh: str):
     shape, rules = mesh.split("/")
     model = CausalLM(CONFIG, rngs=nnx.Rngs(0))
     cfg = default_config()
-    cfg.cuts, cfg.num_blocks, cfg.candidates, cfg.progress = "1-3", 2, "selected", False
-    cfg.refit.alpha_grid = "1e-3"  # always the re-fitted kernel, so the mesh's sums are what is compared
+    cfg.cuts, cfg.num_blocks, cfg.candidates, cfg.progress = "1-2", 1, "selected", False
+    cfg.refit.alpha_grid = "1e-3"  # always the re-fitted kernels, so the mesh's sums are what is compared
+    cfg.refit.downstream = 1       # block 2 after the cut, toward the dense stream: a pass over two models
     single = run_prune(model, _batches(), cfg, validation=_batches())
     cfg.mesh.data, cfg.mesh.model = (int(x) for x in shape.split("x"))
     cfg.mesh.rules = rules
@@ -181,6 +182,7 @@ def prune(mesh: str):
     plan = sh.plan_from_config(cfg)
     return {"rel_T": _rel(sharded.transforms[0], single.transforms[0]),
             "rel_kernel": _rel(sharded.refits[0].kernel, single.refits[0].kernel),
+            "rel_downstream": _rel(sharded.downstream[0].fit.kernel, single.downstream[0].fit.kernel),
             "pruned_on_plan": all(v.get_value().sharding == plan.place(p, v.get_value())
                                   for p, v in param_items(sharded.model)),
             "blocks": sharded.model.config.num_hidden_layers}

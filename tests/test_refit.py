@@ -194,3 +194,112 @@ def test_refit_lowers_the_tiny_models_validation_residual(tiny):
     val = gather_kernel_equations(model, validation, (2, 4))
     assert relative_residual(val, W @ T) == pytest.approx(fit.prior_validation_residual, rel=1e-6)
     assert jnp.isfinite(jnp.asarray(fit.kernel)).all()
+
+
+# ---- refit.downstream: blocks after a cut re-fitted toward the dense stream ----
+
+def _reference_block_sums(dense_ref, pruned_ref, sequences, block: int, dense_block: int, shift):
+    """ZᵀZ, Zᵀ(R - shift), ||R - shift||², N from two transformers forwards: z and y from the pruned
+    model's block ``block`` (hooks), the target from the dense model's block ``dense_block`` output."""
+    import torch
+    got = {}
+    layer = pruned_ref.model.layers[block]
+
+    def keep_output(m, a, out):
+        got["target"] = out[0] if isinstance(out, tuple) else out
+    hooks = [layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: got.__setitem__("z", a[0])),
+             layer.post_attention_layernorm.register_forward_pre_hook(lambda m, a: got.__setitem__("y", a[0])),
+             dense_ref.model.layers[dense_block].register_forward_hook(keep_output)]
+    G, C, R, N = 0.0, 0.0, 0.0, 0
+    try:
+        with torch.no_grad():
+            for seq in sequences:
+                ids = torch.tensor(np.asarray(seq)[None])
+                pruned_ref(ids, use_cache=False)
+                dense_ref(ids, use_cache=False)
+                z = got["z"][0].double().numpy()
+                r = got["target"][0].double().numpy() - got["y"][0].double().numpy() - shift
+                G, C, R, N = G + z.T @ z, C + z.T @ r, R + float(np.sum(r * r)), N + len(seq)
+    finally:
+        for h in hooks:
+            h.remove()
+    return G, C, R, N
+
+
+@pytest.mark.parametrize("family", ["llama-bias", "mistral-window", "qwen3"])
+def test_block_sums_match_transformers(family, tmp_path_factory):
+    """Block 1 of the dense model with block 1 dropped (dense block 2) toward dense block 2's output."""
+    import copy
+
+    import torch
+    from replaceme_jax.replaceme.refit import gather_block_equations
+    from replaceme_jax.replaceme.surgery import drop_blocks
+    _, ref, ours = reference_pair(family, FAMILIES[family](), tmp_path_factory)
+    pruned_ref = copy.deepcopy(ref)
+    pruned_ref.model.layers = torch.nn.ModuleList([pruned_ref.model.layers[0], pruned_ref.model.layers[2]])
+    pruned_ref.config.num_hidden_layers = 2
+    pruned = drop_blocks(ours, [1])
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(0, ours.config.vocab_size, size=int(n)) for n in (9, 14, 5, 12, 7)]
+    bias = pruned.model.layers[1].mlp.down_proj
+    shift = np.asarray(bias.bias.get_value(), np.float64) if getattr(bias, "bias", None) is not None else np.zeros(32)
+    G, C, R, N = _reference_block_sums(ref, pruned_ref, seqs, block=1, dense_block=2, shift=shift)
+    for pack in (False, True):
+        batches = make_batches(seqs, batch_size=2, max_length=16, buckets=(16,), pack=pack)
+        ne = gather_block_equations(pruned, batches, 1, ours, 2, shift=shift)
+        assert ne.count == N == sum(map(len, seqs))
+        for got, want in ((ne.mtm, G), (ne.mtr, C)):
+            np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+        assert ne.rtr == pytest.approx(R, rel=2e-4)
+
+
+def test_shared_blocks_run_once_with_the_same_sums(tiny):
+    from replaceme_jax.replaceme.refit import gather_block_equations
+    model, batches, _ = tiny
+    pruned = apply_cuts(model, [(2, 4)], [np.eye(16)])
+    a = gather_block_equations(pruned, batches, 2, model, 4, shared=0)
+    b = gather_block_equations(pruned, batches, 2, model, 4, shared=1)
+    np.testing.assert_allclose(a.mtm, b.mtm, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(a.mtr, b.mtr, rtol=1e-6, atol=1e-9)
+    with pytest.raises(ReplaceMeError, match="out of range"):
+        gather_block_equations(pruned, batches, 2, model, 4, shared=3)
+
+
+def test_downstream_blocks_stop_at_removed_blocks_anchors_and_the_end():
+    from replaceme_jax.replaceme.refit import downstream_blocks
+    # depth 10, cuts [2, 4) and [6, 8): kept blocks 0 1 4 5 8 9; block 5 is the second cut's anchor
+    assert downstream_blocks(10, [(6, 8), (2, 4)], 3) == [(2, 4), (4, 8), (5, 9)]
+    assert downstream_blocks(10, [(2, 4)], 2) == [(2, 4), (3, 5)]
+    assert downstream_blocks(10, [(2, 10)], 2) == []
+    assert downstream_blocks(10, [(2, 4)], 0) == []
+
+
+def test_prune_with_downstream_refit_changes_only_those_kernels(tiny):
+    model, batches, validation = tiny
+    base = prune(model, batches, _cfg(**{"refit.alpha_grid": "1e-6,1e-3,inf"}), validation=validation)
+    out = prune(model, batches, _cfg(**{"refit.alpha_grid": "1e-6,1e-3,inf", "refit.downstream": 2}),
+                validation=validation)
+    assert base.downstream is None
+    assert [(f.block, f.dense_block) for f in out.downstream] == [(2, 4), (3, 5)]
+    got = dict(nnx.to_flat_state(nnx.state(out.model)))
+    want = dict(nnx.to_flat_state(nnx.state(base.model)))
+    changed = {("model", "layers", f.block, "mlp", "down_proj", "kernel"): f for f in out.downstream}
+    for p, var in got.items():
+        if p in changed and not changed[p].fit.kept_prior:
+            np.testing.assert_allclose(np.asarray(var.get_value()), changed[p].fit.kernel.astype(np.float32), rtol=1e-6)
+        else:
+            np.testing.assert_array_equal(np.asarray(var.get_value()), np.asarray(want[p].get_value()))
+    for f in out.downstream:
+        assert f.fit.validation_residual <= f.fit.prior_validation_residual
+        assert f.fit.train_residual <= f.fit.prior_train_residual + 1e-12
+    assert any(not f.fit.kept_prior for f in out.downstream)  # the tiny model gains from it
+    # the first block's prior residual is measured on the stream the cut leaves
+    from replaceme_jax.replaceme.refit import gather_block_equations
+    val = gather_block_equations(base.model, validation, 2, model, 4)
+    assert relative_residual(val, np.asarray(base.model.model.layers[2].mlp.down_proj.kernel.get_value(),
+                                             np.float64)) == pytest.approx(out.downstream[0].fit.prior_validation_residual, rel=1e-6)
+
+
+def test_bad_downstream_names_the_setting():
+    with pytest.raises(ReplaceMeError, match=r"refit.downstream=-1 must be at least 0"):
+        Settings.from_config(default_config()).replace(**{"refit.downstream": -1})

@@ -58,9 +58,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.refit = ml_collections.ConfigDict()  # training-free: a closed-form fit beyond T (replaceme/refit.py)
     c.refit.anchor = True           # re-fit each cut's anchor down_proj on its hidden activations (d_ff);
                                     # False: the paper's W T alone (docs/results.md, levers)
-    c.refit.alpha_grid = "1e-6,1e-5,1e-4,1e-3,1e-2,inf"  # ridge toward W T (x tr/d_ff), chosen on the
+    c.refit.alpha_grid = "1e-6,1e-5,1e-4,1e-3,1e-2,3e-2,1e-1,inf"  # ridge toward W T (x tr/d_ff), chosen on the
                                     # validation passages; inf keeps ReplaceMe's W T
     c.refit.weighting = "none"      # none | token (each token by 1 / ||target||²; worse on SmolLM2's fiction)
+    c.refit.downstream = 0          # blocks after each cut whose down_proj is re-fitted toward the dense stream
+                                    # (closed form, ridge toward the block's own kernel on the same grid)
     c.heal = ml_collections.ConfigDict()  # optional training after pruning (off: both step counts 0)
     c.heal.anchor_steps = 0         # first: each cut's anchor block retrained toward the dense stream
     c.heal.anchor_lr = 3e-3          # 1e-2 overfits SmolLM2 (docs/results.md, anchor tuning)

@@ -60,6 +60,7 @@ class PruneResult:
     times: dict[str, float]
     budget: list[Any] | None = None  # budget.blocks: the combinations considered (budgets.Candidate)
     refits: list[Any] | None = None  # refit.anchor: refit.KernelFit per cut (the anchor kernel used instead of W T)
+    downstream: list[Any] | None = None  # refit.downstream: refit.BlockFit per re-fitted block after the cuts
 
 
 def calibration_batches(tokenizer, cal, *, part: str = "calibration", num_samples=...):
@@ -170,9 +171,10 @@ def prune(model: CausalLM, batches, cfg, *, stats: Statistics | None = None,
     if cfg.alpha_grid and validation is None:
         raise ReplaceMeError("alpha_grid chooses the ridge on validation batches; pass validation= "
                              "(pipeline.run builds them from the calibration source)")
-    if cfg.refit.anchor and validation is None:
-        raise ReplaceMeError("refit.anchor chooses its ridge on validation batches; pass validation= "
-                             "(pipeline.run builds them from the calibration source) or set refit.anchor=False")
+    if (cfg.refit.anchor or cfg.refit.downstream) and validation is None:
+        raise ReplaceMeError("refit.anchor and refit.downstream choose their ridge on validation batches; pass "
+                             "validation= (pipeline.run builds them from the calibration source) or set "
+                             "refit.anchor=False and refit.downstream=0")
     scores: dict[str, dict[Cut, float]] = {}
     if chosen is not None:
         cuts = chosen
@@ -251,9 +253,17 @@ def prune(model: CausalLM, batches, cfg, *, stats: Statistics | None = None,
             with timer("surgery"):
                 pruned = apply_cuts(pruned, [cut], [transforms[-1]], [kernels[-1]])
             offset += e - s
+    downstream = None
+    if cfg.refit.downstream:
+        from replaceme_jax.replaceme.refit import parse_grid, refit_downstream
+        with timer("refit", f"re-fitting up to {cfg.refit.downstream} blocks after each cut toward the dense stream"):
+            pruned, downstream = refit_downstream(
+                model, pruned, cuts, batches, validation, cfg.refit.downstream, parse_grid(cfg.refit.alpha_grid),
+                include_pad=cfg.calibration.include_pad, accum_dtype=cfg.accum_dtype, plan=plan,
+                progress=cfg.progress, weighting=cfg.refit.weighting)
     return PruneResult(model=pruned, cuts=list(cuts), transforms=transforms, stats=stats, scores=scores,
                        solves=solves, residuals=residuals, times=timer.times, budget=considered,
-                       refits=refits if cfg.refit.anchor else None)
+                       refits=refits if cfg.refit.anchor else None, downstream=downstream)
 
 
 def heal_directory(cfg: Settings) -> str:
@@ -308,7 +318,7 @@ def run(cfg) -> tuple[PruneResult, dict]:
     with timer("calibration_data", f"calibration data ({cfg.calibration.source})"):
         batches = calibration_batches(tokenizer, cfg)
         validation = None
-        if ((cfg.selection == "search" and not cfg.cuts) or cfg.alpha_grid or cfg.refit.anchor
+        if ((cfg.selection == "search" and not cfg.cuts) or cfg.alpha_grid or cfg.refit.anchor or cfg.refit.downstream
                 or (cfg.budget.blocks and cfg.budget.confirm)):
             validation = calibration_batches(tokenizer, cfg, part="validation",
                                              num_samples=cfg.calibration.validation_samples)

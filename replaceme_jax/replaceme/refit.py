@@ -40,31 +40,40 @@ def anchor_kernel_path(cut: Cut) -> tuple:
     return ("model", "layers", int(cut[0]) - 1, "mlp", "down_proj", "kernel")
 
 
-def _kernel_sums(model, input_ids, attention_mask, cut: Cut, shift, include_pad: bool, acc, plan,
-                 weighting: str = "none"):
-    """One batch's ZᵀZ, Zᵀ(R - shift), ||R - shift||², token count (traced inside jit).
-    ``shift`` [d]: the part of the anchor's output the kernel does not produce (its folded bias).
-    ``weighting="token"`` weighs each token by 1 / ||L_t||², its target's energy (the sums of a
-    per-token relative error), so a few high-norm tokens do not dominate the fit."""
+def _kernel_sums(model, input_ids, attention_mask, block: int, depth: int, shift, include_pad: bool, acc, plan,
+                 weighting: str = "none", target_model=None, shared: int = 0):
+    """One batch's ZᵀZ, Zᵀ(R - shift), ||R - shift||², token count (traced inside jit) for the
+    down-projection of ``model``'s ``block``: Z its MLP hidden activation, R = L - Y with Y the
+    block's attention residual and L the target stream, the output of block ``depth - 1`` of
+    ``target_model`` (None: ``model`` itself, continuing from this block's output). Blocks below
+    ``shared`` are the same in both models and run once. ``shift`` [d]: the part of the block's
+    output the kernel does not produce (its bias). ``weighting="token"`` weighs each token by
+    1 / ||L_t||², its target's energy (the sums of a per-token relative error), so a few
+    high-norm tokens do not dominate the fit."""
     mask = (attention_mask > 0).astype(jnp.float32)
     tokens = jnp.broadcast_to((mask.sum(-1, keepdims=True) > 0).astype(jnp.float32), mask.shape) if include_pad else mask
     cos, sin, biases = model.attention_inputs(attention_mask)
-    h = constrain(model.embed(input_ids), plan, RESIDUAL)
-    s, e = cut
-    for k in range(e):
-        layer = model.model.layers[k]
-        if k == s - 1:
-            y = layer.attention_residual(h, cos, sin, biases[k])
-            z = layer.mlp.hidden(layer.post_attention_layernorm(y))
-            h = y + layer.mlp.down_proj(z)
-        else:
-            h = layer(h, cos, sin, biases[k])
-        h = constrain(h, plan, RESIDUAL)
+
+    def run(m, h, start, stop, bias):
+        for k in range(start, stop):
+            h = constrain(m.model.layers[k](h, cos, sin, bias[k]), plan, RESIDUAL)
+        return h
+
+    h = run(model, constrain(model.embed(input_ids), plan, RESIDUAL), 0, shared, biases)
+    x = run(model, h, shared, block, biases)
+    layer = model.model.layers[block]
+    y = layer.attention_residual(x, cos, sin, biases[block])
+    z = layer.mlp.hidden(layer.post_attention_layernorm(y))
+    if target_model is None:
+        target = run(model, constrain(y + layer.mlp.down_proj(z), plan, RESIDUAL), block + 1, depth, biases)
+    else:  # its own biases: a pruned model's blocks may have other attention windows
+        target_biases = target_model.attention_inputs(attention_mask)[2]
+        target = run(target_model, h, shared, depth, target_biases)
     w = tokens.astype(acc)
     if weighting == "token":
-        energy = jnp.sum(jnp.square(h.astype(acc)), -1)
+        energy = jnp.sum(jnp.square(target.astype(acc)), -1)
         w = w / jnp.maximum(energy, jnp.finfo(acc).tiny)
-    r = h.astype(acc) - y.astype(acc) - shift.astype(acc)
+    r = target.astype(acc) - y.astype(acc) - shift.astype(acc)
     zw = z.astype(acc) * w[..., None]
     # A leading axis of 1 lets a mesh split the d_ff x d_ff sum by rows like the statistics pass's sums.
     return {"mtm": jnp.einsum("btf,btg->fg", zw, z.astype(acc), precision=_HI)[None],
@@ -73,10 +82,13 @@ def _kernel_sums(model, input_ids, attention_mask, cut: Cut, shift, include_pad:
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled_step(graphdef, cut: Cut, include_pad: bool, acc: str, plan=None, weighting: str = "none"):
-    def step(state, sums, shift, input_ids, attention_mask):
-        new = _kernel_sums(nnx.merge(graphdef, state), input_ids, attention_mask, cut, shift, include_pad,
-                           jnp.dtype(acc), plan, weighting)
+def _compiled_step(graphdef, target_graphdef, block: int, depth: int, shared: int, include_pad: bool, acc: str,
+                   plan=None, weighting: str = "none"):
+    def step(states, sums, shift, input_ids, attention_mask):
+        state, target_state = states
+        target = None if target_graphdef is None else nnx.merge(target_graphdef, target_state)
+        new = _kernel_sums(nnx.merge(graphdef, state), input_ids, attention_mask, block, depth, shift, include_pad,
+                           jnp.dtype(acc), plan, weighting, target, shared)
         out = {}
         for k, x in new.items():
             if plan is not None:
@@ -93,31 +105,57 @@ def gather_kernel_equations(model, batches: Iterable, cut: Cut, *, shift=None, i
     mtm = ZᵀZ [d_ff, d_ff], mtr = Zᵀ(R - shift) [d_ff, d], rtr = ||R - shift||², count = tokens.
     ``shift`` [d] (default 0): a bias the kernel's output is added to. ``plan`` as in ``gather_statistics``.
     ``weighting``: "none" (every token alike) or "token" (each token by 1 / ||L_t||²; rtr is then weighted)."""
-    if weighting not in WEIGHTINGS:
-        raise ReplaceMeError(f"refit.weighting={weighting!r}: use one of {WEIGHTINGS}")
     (cut,) = validate_cuts([cut], model.config.num_hidden_layers)
     if cut[0] < 1:
         raise ReplaceMeError(f"cut [{cut[0]}, {cut[1]}) has no anchor block to re-fit; a cut must start at block >= 1")
+    return _gather(model, batches, cut[0] - 1, cut[1], what=f"cut {cut}", shift=shift, include_pad=include_pad,
+                   accum_dtype=accum_dtype, plan=plan, progress=progress, weighting=weighting)
+
+
+def gather_block_equations(model, batches: Iterable, block: int, target_model, target_block: int, *,
+                           shared: int = 0, shift=None, include_pad: bool = False, accum_dtype: str = "auto",
+                           plan=None, progress: bool = False, weighting: str = "none") -> NormalEquations:
+    """The normal equations of re-fitting ``model``'s block ``block`` down-projection so that the
+    block's output matches ``target_model``'s output of block ``target_block`` (a pruned model's
+    block toward the dense stream at the depth it stands for). The first ``shared`` blocks must be
+    the same in both models (they run once). Sums and arguments as in ``gather_kernel_equations``."""
+    n, m = model.config.num_hidden_layers, target_model.config.num_hidden_layers
+    if not (0 <= block < n and 0 <= target_block < m and 0 <= shared <= min(block, target_block + 1)):
+        raise ReplaceMeError(f"block {block} of {n} toward block {target_block} of {m} with {shared} shared blocks: "
+                             "out of range")
+    return _gather(model, batches, block, target_block + 1, what=f"block {block}", target_model=target_model,
+                   shared=shared, shift=shift, include_pad=include_pad, accum_dtype=accum_dtype, plan=plan,
+                   progress=progress, weighting=weighting)
+
+
+def _gather(model, batches, block: int, depth: int, *, what: str, target_model=None, shared: int = 0, shift=None,
+            include_pad: bool = False, accum_dtype: str = "auto", plan=None, progress: bool = False,
+            weighting: str = "none") -> NormalEquations:
+    if weighting not in WEIGHTINGS:
+        raise ReplaceMeError(f"refit.weighting={weighting!r}: use one of {WEIGHTINGS}")
     batches = list(batches)
     if not batches:
-        raise ReplaceMeError("no batches to re-fit the anchor kernel on: the calibration data is empty")
+        raise ReplaceMeError("no batches to re-fit a kernel on: the calibration data is empty")
     acc = StatsRequest(accum_dtype=accum_dtype).resolved_accum_dtype()
     if plan is not None:
         model = plan.shard_model(model)
+        target_model = None if target_model is None else plan.shard_model(target_model)
     graphdef, state = nnx.split(model)
+    target_graphdef, target_state = (None, None) if target_model is None else nnx.split(target_model)
     d, f = model.config.hidden_size, model.config.intermediate_size
     shapes = {"mtm": (1, f, f), "mtr": (1, f, d), "rtr": (), "count": ()}
-    step = _compiled_step(graphdef, cut, include_pad, acc, plan, weighting)
+    step = _compiled_step(graphdef, target_graphdef, int(block), int(depth), int(shared), include_pad, acc, plan,
+                          weighting)
     with jax.enable_x64(acc == "float64"):
         sums = {name: (jnp.zeros(shape, acc) if plan is None else plan.zeros(shape, acc, plan.accumulator_sharding(shape)))
                 for k, shape in shapes.items() for name in (k, k + "/comp")}
         shift = jnp.zeros((d,), jnp.float32) if shift is None else jnp.asarray(shift, jnp.float32)
-        total = sum_batches(step, state, sums, batches, plan=plan, desc=f"kernel re-fit sums for cut {cut}",
-                            progress=progress, extra=(shift,))
+        total = sum_batches(step, (state, target_state), sums, batches, plan=plan,
+                            desc=f"kernel re-fit sums for {what}", progress=progress, extra=(shift,))
     ne = NormalEquations(mtm=total["mtm"][0], mtr=total["mtr"][0], rtr=float(total["rtr"]),
                          count=int(round(float(total["count"]))))
     if not all(np.isfinite(np.asarray(x)).all() for x in (ne.mtm, ne.mtr, ne.rtr)):
-        raise ReplaceMeError(f"non-finite values (NaN/inf) in the kernel re-fit sums for cut {cut}: the model "
+        raise ReplaceMeError(f"non-finite values (NaN/inf) in the kernel re-fit sums for {what}: the model "
                              "overflowed on the calibration data; use dtype=float32 or accum_dtype=float64")
     if ne.count <= 0:
         raise ReplaceMeError("the kernel re-fit batches hold no tokens: the calibration data is empty or too short")
@@ -205,3 +243,59 @@ def refit_anchor(model, batches, validation, cut: Cut, T, grid, *, include_pad: 
     ne = gather_kernel_equations(model, batches, cut, progress=progress, **kw)
     val = gather_kernel_equations(model, validation, cut, **kw)
     return fit_kernel(ne, W @ T, val, grid)
+
+
+def downstream_blocks(depth: int, cuts: Sequence[Cut], blocks: int) -> list[tuple[int, int]]:
+    """(pruned index, dense index) of the blocks ``refit_downstream`` re-fits: the first ``blocks``
+    blocks after each cut, in depth order, stopping at a removed block or another cut's anchor (its
+    kernel carries that cut's fit)."""
+    cuts = validate_cuts(cuts, depth)
+    removed = {i for s, e in cuts for i in range(s, e)}
+    anchors = {s - 1 for s, _ in cuts}
+    kept = [i for i in range(depth) if i not in removed]
+    out = []
+    for _, e in sorted(cuts):
+        for q in range(e, min(e + blocks, depth)):
+            if q in removed or q in anchors:
+                break
+            out.append((kept.index(q), q))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockFit:
+    """A down-projection re-fitted after a cut: the pruned model's ``block`` toward the dense
+    stream after ``dense_block``, with the block's own kernel as the prior."""
+    block: int
+    dense_block: int
+    fit: KernelFit
+
+    def summary(self) -> dict:
+        return {"block": self.block, "dense_block": self.dense_block, **self.fit.summary()}
+
+
+def refit_downstream(dense, pruned, cuts: Sequence[Cut], batches, validation, blocks: int, grid, *,
+                     include_pad: bool = False, accum_dtype: str = "auto", plan=None, progress: bool = False,
+                     weighting: str = "none"):
+    """Re-fit the down-projections of the first ``blocks`` blocks after each cut so that each
+    block's output on the pruned stream matches the dense stream at the depth the block stands for:
+    the error the cut leaves is corrected where it enters the rest of the model, still in closed
+    form and with no new parameters. Blocks go in depth order, each fitted on the stream its
+    predecessors' re-fits produce; the ridge pulls toward the block's own kernel ("inf" in ``grid``
+    keeps it) and is chosen on ``validation``. Returns (the new pruned model, a BlockFit per block)."""
+    from replaceme_jax.replaceme.surgery import replace_kernels
+    cuts = validate_cuts(cuts, dense.config.num_hidden_layers)
+    shared = min(s for s, _ in cuts) - 1  # the first anchor and everything after it may differ
+    fits = []
+    for block, dense_block in downstream_blocks(dense.config.num_hidden_layers, cuts, blocks):
+        layer = pruned.model.layers[block].mlp.down_proj
+        bias = getattr(layer, "bias", None)
+        kw = dict(shared=shared, shift=None if bias is None else np.asarray(bias.get_value(), np.float64),
+                  include_pad=include_pad, accum_dtype=accum_dtype, plan=plan, weighting=weighting)
+        ne = gather_block_equations(pruned, batches, block, dense, dense_block, progress=progress, **kw)
+        val = gather_block_equations(pruned, validation, block, dense, dense_block, **kw)
+        fit = fit_kernel(ne, np.asarray(layer.kernel.get_value(), np.float64), val, grid)
+        fits.append(BlockFit(block, dense_block, fit))
+        if not fit.kept_prior:
+            pruned = replace_kernels(pruned, {("model", "layers", block, "mlp", "down_proj", "kernel"): fit.kernel})
+    return pruned, fits

@@ -57,6 +57,7 @@ def build_report(cfg, dense, result, batches, evaluation: dict, times: dict) -> 
         "budget": (None if result.budget is None else
                    {"blocks": cfg.budget.blocks, "max_cuts": cfg.budget.max_cuts, "proxy": cfg.budget.proxy,
                     "candidates": [c.to_dict() for c in result.budget]}),
+        "downstream_refit": None if result.downstream is None else [f.summary() for f in result.downstream],
         "heldout_perplexity": evaluation,
         "times_s": {k: round(v, 2) for k, v in times.items()},
         "config": cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg),
@@ -153,6 +154,10 @@ def format_report(report: dict) -> str:
                    else f"re-fitted kernel, ridge {r['alpha_relative']:g} x tr/d_ff")
             lines.append(f"    anchor down_proj: {how}; validation residual {r['prior_validation_residual']:.4f} "
                          f"(W T) -> {r['validation_residual']:.4f}")
+    for r in report.get("downstream_refit") or ():
+        how = "kept its kernel" if r["kept_prior"] else f"re-fitted, ridge {r['alpha_relative']:g} x tr/d_ff"
+        lines.append(f"  block {r['block']} (dense {r['dense_block']}) down_proj toward the dense stream: {how}; "
+                     f"validation residual {r['prior_validation_residual']:.4f} -> {r['validation_residual']:.4f}")
     ppl = report.get("heldout_perplexity") or {}
     if ppl:
         d = ppl["dense"]

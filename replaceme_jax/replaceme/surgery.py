@@ -135,3 +135,14 @@ def _skeleton(config: ModelConfig):
     """(graphdef, parameter paths) of a pruned shape; a sweep or SLEB rebuilds the same shape often."""
     graphdef, state = abstract_split(config)
     return graphdef, tuple(path for path, _ in nnx.to_flat_state(state))
+
+
+def replace_kernels(model: CausalLM, kernels: dict) -> CausalLM:
+    """New model with the arrays at ``kernels``' parameter paths replaced (same shapes), each cast
+    and placed like the one it replaces; every other array is shared with ``model``."""
+    old = dict(nnx.to_flat_state(nnx.state(model)))
+    missing = [p for p in kernels if p not in old]
+    if missing:
+        raise ReplaceMeError(f"cannot replace {'.'.join(map(str, missing[0]))}: not a parameter of the model")
+    placed = {p: fold_transform(old[p].get_value(), np.asarray(k, np.float32), replace=True) for p, k in kernels.items()}
+    return drop_blocks(model, (), placed)
