@@ -288,7 +288,8 @@ def run_memory(cfg, config: ModelConfig, batch_shape: Sequence[int], backend: st
     requests = run_requests(cfg, config.num_hidden_layers)
     models = [statistics_memory(config, request, batch_shape, **kw) for request in requests]
     refit = cfg.get("refit", {})
-    # refit.downstream's passes hold the same sums and one more residual stream (the dense target's)
+    # refit.downstream's passes hold the same sums; their one extra [b, t, d] stream (the dense target)
+    # is not counted, small beside the d_ff activations the anchor's pass model already holds
     if (refit.get("anchor", False) or refit.get("downstream", 0)) and requests[-1].cuts:
         models.append(refit_memory(config, requests[-1], batch_shape, **kw))
     return max(models, key=lambda m: m.peak)

@@ -11,8 +11,8 @@ from replaceme_jax.data import make_batches
 from replaceme_jax.errors import ReplaceMeError
 from replaceme_jax.replaceme.config import default_config
 from replaceme_jax.replaceme.pipeline import prune
-from replaceme_jax.replaceme.refit import (anchor_kernel_path, fit_kernel, gather_kernel_equations,
-                                           parse_grid)
+from replaceme_jax.replaceme.refit import (anchor_kernel_path, down_proj_kernel_path, fit_kernel,
+                                           gather_kernel_equations, parse_grid)
 from replaceme_jax.replaceme.solvers import NormalEquations, relative_residual
 from replaceme_jax.replaceme.surgery import apply_cuts
 from replaceme_jax.settings import Settings
@@ -241,8 +241,9 @@ def test_block_sums_match_transformers(family, tmp_path_factory):
     pruned = drop_blocks(ours, [1])
     rng = np.random.default_rng(0)
     seqs = [rng.integers(0, ours.config.vocab_size, size=int(n)) for n in (9, 14, 5, 12, 7)]
-    bias = pruned.model.layers[1].mlp.down_proj
-    shift = np.asarray(bias.bias.get_value(), np.float64) if getattr(bias, "bias", None) is not None else np.zeros(32)
+    down = pruned.model.layers[1].mlp.down_proj
+    shift = (np.asarray(down.bias.get_value(), np.float64) if getattr(down, "bias", None) is not None
+             else np.zeros(ours.config.hidden_size))
     G, C, R, N = _reference_block_sums(ref, pruned_ref, seqs, block=1, dense_block=2, shift=shift)
     for pack in (False, True):
         batches = make_batches(seqs, batch_size=2, max_length=16, buckets=(16,), pack=pack)
@@ -283,7 +284,7 @@ def test_prune_with_downstream_refit_changes_only_those_kernels(tiny):
     assert [(f.block, f.dense_block) for f in out.downstream] == [(2, 4), (3, 5)]
     got = dict(nnx.to_flat_state(nnx.state(out.model)))
     want = dict(nnx.to_flat_state(nnx.state(base.model)))
-    changed = {("model", "layers", f.block, "mlp", "down_proj", "kernel"): f for f in out.downstream}
+    changed = {down_proj_kernel_path(f.block): f for f in out.downstream}
     for p, var in got.items():
         if p in changed and not changed[p].fit.kept_prior:
             np.testing.assert_allclose(np.asarray(var.get_value()), changed[p].fit.kernel.astype(np.float32), rtol=1e-6)

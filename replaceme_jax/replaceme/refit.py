@@ -35,9 +35,14 @@ _HI = jax.lax.Precision.HIGHEST
 WEIGHTINGS = ("none", "token")
 
 
+def down_proj_kernel_path(block: int) -> tuple:
+    """Parameter path of block ``block``'s down-projection kernel, what every re-fit here replaces."""
+    return ("model", "layers", int(block), "mlp", "down_proj", "kernel")
+
+
 def anchor_kernel_path(cut: Cut) -> tuple:
     """Parameter path (in the unpruned model) of the down-projection kernel a cut's fit replaces."""
-    return ("model", "layers", int(cut[0]) - 1, "mlp", "down_proj", "kernel")
+    return down_proj_kernel_path(int(cut[0]) - 1)
 
 
 def _kernel_sums(model, input_ids, attention_mask, block: int, depth: int, shift, include_pad: bool, acc, plan,
@@ -297,5 +302,5 @@ def refit_downstream(dense, pruned, cuts: Sequence[Cut], batches, validation, bl
         fit = fit_kernel(ne, np.asarray(layer.kernel.get_value(), np.float64), val, grid)
         fits.append(BlockFit(block, dense_block, fit))
         if not fit.kept_prior:
-            pruned = replace_kernels(pruned, {("model", "layers", block, "mlp", "down_proj", "kernel"): fit.kernel})
+            pruned = replace_kernels(pruned, {down_proj_kernel_path(block): fit.kernel})
     return pruned, fits
