@@ -1,0 +1,114 @@
+"""Calibration text sampled from the model itself: a corpus for when no data fits, or to mix in.
+
+Each passage is the model's own continuation of a document start (its ``<|endoftext|>`` separator,
+else its BOS, else its EOS token), sampled at a temperature (1 = the model's own distribution, the
+choice of data-free quantization work such as LLM-QAT). The text covers what the model writes
+(prose, dialogue, code, lists) rather than one genre, so it is a source a mixture can take a share
+of (``calibration.source=boolq+<file>``; docs/results.md measures what it does).
+
+The corpus is a .jsonl file (``{"text": ...}`` per line), readable as any calibration source. It is
+written batch by batch to ``<path>.partial`` (the first line records the settings) and renamed into
+place when complete, so an interrupted run resumes where it stopped and never leaves a short file
+under the final name. Batch ``b`` is sampled with the key ``seed + b * batch_size`` and does not
+depend on the others, so a resumed corpus equals one written in one go.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+from replaceme_jax.errors import ReplaceMeError
+from replaceme_jax.io_utils import atomic_write_text
+
+FORMAT = "replaceme-jax self-generated corpus v1"
+
+
+def document_start_token(tokenizer) -> int:
+    """The token a document starts after: ``<|endoftext|>`` where the vocabulary has one (the
+    pre-training separator of GPT-2-style, SmolLM and Qwen tokenizers), else BOS, else EOS."""
+    vocab = tokenizer.get_vocab()
+    if "<|endoftext|>" in vocab:
+        return int(vocab["<|endoftext|>"])
+    for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    raise ReplaceMeError("the tokenizer has no <|endoftext|>, BOS or EOS token to start a document from; "
+                         "fix: pass start_token= (a token id) explicitly")
+
+
+def generate_corpus(path, model, tokenizer, *, num_samples: int, max_new_tokens: int = 160,
+                    temperature: float = 1.0, top_p: float = 1.0, seed: int = 1000, batch_size: int = 64,
+                    start_token: int | None = None,
+                    progress: Callable[[int, int], None] | None = None) -> Path:
+    """Sample ``num_samples`` passages of ``max_new_tokens`` tokens from ``model`` into ``path`` (.jsonl).
+
+    Returns ``path``. A finished ``path`` is never overwritten (delete it to regenerate); a
+    ``<path>.partial`` left by an interrupted call with the same settings is continued, one with
+    other settings is started over."""
+    from replaceme_jax.inference import Generator, SamplingParams
+    for name, v in (("num_samples", num_samples), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ReplaceMeError(f"{name} must be a positive integer, got {v!r}")
+    if not temperature > 0:
+        raise ReplaceMeError(f"temperature must be > 0 to sample a corpus (greedy text repeats itself), got "
+                             f"{temperature!r}; fix: 1.0 samples the model's own distribution")
+    path = Path(path).expanduser()
+    if path.suffix != ".jsonl":
+        raise ReplaceMeError(f"the corpus is written as JSON lines; fix: name the output *.jsonl, got {path}")
+    if path.exists():
+        raise ReplaceMeError(f"{path} already exists; fix: delete it to regenerate, or use it as "
+                             f"--config.calibration.source={path}")
+    start = document_start_token(tokenizer) if start_token is None else int(start_token)
+    settings = {"format": FORMAT, "num_samples": num_samples, "max_new_tokens": max_new_tokens,
+                "temperature": float(temperature), "top_p": float(top_p), "seed": seed,
+                "batch_size": batch_size, "start_token": start,
+                "model_layers": int(model.config.num_hidden_layers), "vocab_size": int(model.config.vocab_size)}
+    partial = path.with_name(path.name + ".partial")
+    done = _resume(partial, settings)
+    gen = Generator(model, tokenizer, max_batch_size=batch_size)
+    sampling = SamplingParams(float(temperature), 0, float(top_p))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(partial, "a", encoding="utf-8") as f:
+        if done == 0:
+            f.write(json.dumps({"settings": settings}) + "\n")
+        for first in range(done, num_samples, batch_size):
+            rows = min(batch_size, num_samples - first)
+            # No EOS stop: every passage gets the full budget, and the chat markers the model
+            # writes between turns stay in the text (as they are in what it was tuned on).
+            results = gen.generate([[start]] * rows, max_new_tokens=max_new_tokens, sampling=sampling,
+                                   seed=seed + first, eos_token_ids=())
+            f.write("".join(json.dumps({"text": r.text}) + "\n" for r in results))
+            f.flush()
+            os.fsync(f.fileno())
+            if progress is not None:
+                progress(first + rows, num_samples)
+    lines = partial.read_text(encoding="utf-8").splitlines()[1:]
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    partial.unlink()
+    return path
+
+
+def _resume(partial: Path, settings: dict) -> int:
+    """Rows already written to ``partial`` with these settings (whole batches only); 0 starts over."""
+    if not partial.is_file():
+        return 0
+    lines = partial.read_text(encoding="utf-8").split("\n")
+    try:
+        header = json.loads(lines[0])["settings"]
+    except (ValueError, KeyError, TypeError, IndexError):
+        header = None
+    if header != settings:
+        partial.unlink()
+        return 0
+    rows = []
+    for line in lines[1:]:
+        try:
+            rows.append(json.loads(line)["text"])
+        except (ValueError, KeyError, TypeError):
+            break  # a line cut by the interruption, and everything after it
+    keep = (len(rows) // settings["batch_size"]) * settings["batch_size"]
+    with open(partial, "w", encoding="utf-8") as f:  # drop a torn tail so appends line up with batches
+        f.write(lines[0] + "\n" + "".join(json.dumps({"text": t}) + "\n" for t in rows[:keep]))
+    return keep

@@ -1,0 +1,77 @@
+"""Self-generated calibration corpus: deterministic, resumable, readable as a calibration source."""
+import json
+
+import pytest
+
+from replaceme_jax.data import load_calibration_texts
+from replaceme_jax.data.self_generated import document_start_token, generate_corpus
+from replaceme_jax.errors import ReplaceMeError
+
+pytest.importorskip("transformers")
+from tiny_models import random_tiny_llama, word_tokenizer  # noqa: E402
+
+KW = dict(num_samples=5, max_new_tokens=6, batch_size=2, seed=7)
+
+
+@pytest.fixture(scope="module")
+def model_tok():
+    return random_tiny_llama(vocab_size=40), word_tokenizer(37)
+
+
+def test_corpus_is_sampled_deterministic_and_a_calibration_source(model_tok, tmp_path):
+    model, tok = model_tok
+    a = generate_corpus(tmp_path / "a.jsonl", model, tok, **KW)
+    b = generate_corpus(tmp_path / "b.jsonl", model, tok, **KW)
+    rows = [json.loads(line)["text"] for line in a.read_text().splitlines()]
+    assert a.read_text() == b.read_text() and len(rows) == 5
+    words = [len(r.split()) for r in rows]  # special tokens sampled are not written as text
+    assert max(words) == 6 and min(words) >= 3  # the full budget: no EOS stop (</s> is in the vocabulary)
+    assert len(set(rows)) == 5  # sampled (temperature 1), not one greedy text five times
+    assert not (tmp_path / "a.jsonl.partial").exists()
+    texts = load_calibration_texts(str(a), validation_fraction=0.0)
+    assert sorted(texts) == sorted(rows)
+    other = generate_corpus(tmp_path / "c.jsonl", model, tok, **{**KW, "seed": 8})
+    assert other.read_text() != a.read_text()
+
+
+def test_interrupted_corpus_resumes_to_the_same_file(model_tok, tmp_path):
+    model, tok = model_tok
+    whole = generate_corpus(tmp_path / "whole.jsonl", model, tok, **KW).read_text().splitlines()
+    # An interrupted run: its header, its first batch and a line torn mid-write.
+    target = tmp_path / "resumed.jsonl"
+    generate_corpus(tmp_path / "probe.jsonl", model, tok, **{**KW, "num_samples": 2})
+    header = {"settings": {"format": "replaceme-jax self-generated corpus v1", "num_samples": 5,
+                           "max_new_tokens": 6, "temperature": 1.0, "top_p": 1.0, "seed": 7, "batch_size": 2,
+                           "start_token": document_start_token(tok), "model_layers": 2, "vocab_size": 40}}
+    partial = tmp_path / "resumed.jsonl.partial"
+    partial.write_text(json.dumps(header) + "\n" + whole[0] + "\n" + whole[1] + "\n" + whole[2][:5])
+    calls = []
+    generate_corpus(target, model, tok, **KW, progress=lambda done, total: calls.append(done))
+    assert target.read_text().splitlines() == whole
+    assert calls == [4, 5]  # the first batch was not sampled again
+    # Other settings in a leftover partial file: started over, same result as a fresh run.
+    partial.write_text(json.dumps({"settings": {**header["settings"], "seed": 99}}) + "\n" + whole[0] + "\n")
+    target.unlink()
+    generate_corpus(target, model, tok, **KW)
+    assert target.read_text().splitlines() == whole
+
+
+def test_bad_arguments_name_the_fix(model_tok, tmp_path):
+    model, tok = model_tok
+    with pytest.raises(ReplaceMeError, match="temperature must be > 0"):
+        generate_corpus(tmp_path / "x.jsonl", model, tok, **{**KW, "temperature": 0.0})
+    with pytest.raises(ReplaceMeError, match="num_samples must be a positive integer"):
+        generate_corpus(tmp_path / "x.jsonl", model, tok, **{**KW, "num_samples": 0})
+    with pytest.raises(ReplaceMeError, match=r"\*\.jsonl"):
+        generate_corpus(tmp_path / "x.txt", model, tok, **KW)
+    (tmp_path / "done.jsonl").write_text('{"text": "w1"}\n')
+    with pytest.raises(ReplaceMeError, match="already exists; fix: delete it"):
+        generate_corpus(tmp_path / "done.jsonl", model, tok, **KW)
+    assert (tmp_path / "done.jsonl").read_text() == '{"text": "w1"}\n'  # never overwritten
+
+
+def test_document_start_token_prefers_the_pretraining_separator():
+    tok = word_tokenizer(5)
+    assert document_start_token(tok) == tok.bos_token_id  # no <|endoftext|>: BOS
+    tok.add_special_tokens({"additional_special_tokens": ["<|endoftext|>"]})
+    assert document_start_token(tok) == tok.get_vocab()["<|endoftext|>"]
