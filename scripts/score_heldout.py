@@ -6,7 +6,8 @@
 Every model is scored on the same windows of the Wikipedia excerpt (the report's corpus) and of
 LAMBADA-OpenAI passages (fiction), or of the ``--genres`` chosen (``science``: SciQ's support
 paragraphs), none used for calibration, selection or healing; the first model is the reference of
-the "x dense" ratios. Writes heldout.json and heldout.md.
+the "x dense" ratios. ``--compare_to=NAME`` adds every other model's perplexity over NAME's with a paired
+bootstrap interval over the windows (each window's NLL is kept). Writes heldout.json and heldout.md.
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ WINDOWS = flags.DEFINE_integer("ppl_windows", 16, "Windows per genre (default 16
 WINDOW = flags.DEFINE_integer("ppl_window", 1024, "Tokens per window.")
 GENRES = flags.DEFINE_list("genres", ["wikipedia", "fiction"], "Held-out genres: wikipedia, fiction (LAMBADA "
                            "passages), science (SciQ support paragraphs).")
+COMPARE = flags.DEFINE_string("compare_to", None, "A name from --names: every other model's perplexity over its, "
+                               "window by window, with a paired bootstrap 95 % interval (10,000 draws).")
 OUT = flags.DEFINE_string("output_dir", None, "Where heldout.json and heldout.md go (optional).")
 
 
@@ -45,8 +48,11 @@ def main(argv) -> int:
     if unknown or not GENRES.value:
         raise ReplaceMeError(f"--genres: unknown or empty {unknown or GENRES.value}; fix: a comma-separated "
                              f"subset of {','.join(KNOWN)}")
+    if COMPARE.value is not None and COMPARE.value not in names:
+        raise ReplaceMeError(f"--compare_to={COMPARE.value!r} is not one of --names ({', '.join(names)}); fix: "
+                             "name one of the models scored")
     from replaceme_jax.checkpoints import load_pretrained
-    from replaceme_jax.eval.perplexity import held_out_genres
+    from replaceme_jax.eval.perplexity import held_out_genres, paired_ratio
     from replaceme_jax.io_utils import atomic_write_json, atomic_write_text
 
     genres, rows = None, []
@@ -69,11 +75,20 @@ def main(argv) -> int:
     lines = [f"| {r['name']} | {r['blocks']} | "
              + " | ".join(f"{r[g]['ppl']:.3f} ({r[g]['ppl'] / ref[g]['ppl']:.3f}x)" for g in genres)
              + f" | {r['seconds']} |" for r in rows]
+    paired = {}
+    if COMPARE.value is not None:
+        base = rows[names.index(COMPARE.value)]
+        paired = {r["name"]: {g: paired_ratio(base[g], r[g]) for g in genres} for r in rows if r is not base}
+        lines += ["", f"Perplexity over {COMPARE.value}'s on the same windows (paired bootstrap 95 %, windows resampled):",
+                  "", "| model | " + " | ".join(genres) + " |", "|---|" + "---|" * len(genres)]
+        lines += [f"| {n} | " + " | ".join(f"{p[g]['ratio']:.4f} [{p[g]['ci'][0]:.4f}, {p[g]['ci'][1]:.4f}]"
+                                            for g in genres) + " |" for n, p in paired.items()]
     text = "\n".join(header + lines)
     print(text)
     if OUT.value:
         os.makedirs(OUT.value, exist_ok=True)
-        atomic_write_json(os.path.join(OUT.value, "heldout.json"), {"rows": rows})
+        atomic_write_json(os.path.join(OUT.value, "heldout.json"),
+                          {"rows": rows, **({"paired_with": COMPARE.value, "paired": paired} if paired else {})})
         atomic_write_text(os.path.join(OUT.value, "heldout.md"), text + "\n")
     return 0
 

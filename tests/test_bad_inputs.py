@@ -191,6 +191,8 @@ BAD_CLI = [
     (PRUNE + ["--config.output_dir={file}"], r"is a file"),
     ([sys.executable, str(ROOT / "scripts/score_heldout.py"), "--models=a,b", "--names=x"], r"--names has 1 entries for 2"),
     ([sys.executable, str(ROOT / "scripts/score_heldout.py")], r"--models is empty"),
+    ([sys.executable, str(ROOT / "scripts/score_heldout.py"), "--models=a", "--compare_to=z"],
+     r"--compare_to='z' is not one of --names"),
     ([sys.executable, str(ROOT / "scripts/score_heldout.py"), "--models=a", "--genres=wikipedia,poetry"],
      r"--genres: unknown or empty \['poetry'\]; fix: .*science"),
 ]

@@ -8,7 +8,7 @@ import transformers
 
 from replaceme_jax.checkpoints.hf import save_hf
 from replaceme_jax.errors import ReplaceMeError
-from replaceme_jax.eval.perplexity import corpus_windows, perplexity, tokenize_corpus
+from replaceme_jax.eval.perplexity import corpus_windows, paired_ratio, perplexity, tokenize_corpus
 from tiny_models import random_tiny_llama
 
 
@@ -85,6 +85,41 @@ def test_max_windows_and_result_fields(tiny_pair):
     assert (got.num_windows, got.num_tokens, got.window, got.stride, got.corpus_tokens) == (2, count, 64, 64, 500)
     assert abs(got.ppl / want - 1) < 1e-4
     assert got.to_dict()["ppl"] == got.ppl and math.isclose(math.log(got.ppl), got.nll)
+
+
+def test_window_values_add_up_to_the_reference(tiny_pair):
+    """Per-window NLLs: each window's equals the transformers recipe on that window alone."""
+    model, ref = tiny_pair
+    ids = np.random.RandomState(3).randint(0, 256, 200)
+    got = perplexity(model, ids, window=64, batch_size=2)
+    assert len(got.window_nll) == got.num_windows == 4 and sum(got.window_tokens) == got.num_tokens
+    for k, (nll, n) in enumerate(zip(got.window_nll, got.window_tokens)):
+        want, count = _reference_ppl(ref, ids[64 * k:64 * (k + 1)].tolist(), 64)
+        assert count == n and abs(nll / n - math.log(want)) < 1e-4
+    assert abs(sum(got.window_nll) / got.num_tokens - got.nll) < 1e-9
+
+
+def test_paired_ratio_against_a_float64_bootstrap_written_out():
+    rng = np.random.RandomState(0)
+    tokens = [1023] * 30
+    a = {"window_nll": list(rng.uniform(2000, 4000, 30)), "window_tokens": tokens, "window": 1024, "stride": 1024,
+         "num_windows": 30}
+    b = {**a, "window_nll": [x + rng.normal(30, 40) for x in a["window_nll"]]}
+    got = paired_ratio(a, b, iters=2000, seed=5)
+    want = math.exp((sum(b["window_nll"]) - sum(a["window_nll"])) / sum(tokens))
+    assert abs(got["ratio"] - want) < 1e-12 and got["windows"] == 30
+    rng = np.random.default_rng(5)  # the same draws (in chunks of 1,000 windows), each ratio written out
+    draws = np.concatenate([rng.integers(0, 30, (1000, 30)), rng.integers(0, 30, (1000, 30))])
+    ratios = sorted(math.exp(sum(b["window_nll"][i] - a["window_nll"][i] for i in d) / (1023 * 30)) for d in draws)
+    lo, hi = np.percentile(ratios, [2.5, 97.5])
+    assert got["ci"][0] < want < got["ci"][1]
+    assert abs(got["ci"][0] - lo) < 1e-9 and abs(got["ci"][1] - hi) < 1e-9
+    same = paired_ratio(a, a, iters=100)
+    assert same["ratio"] == 1.0 and same["ci"] == [1.0, 1.0]
+    with pytest.raises(ReplaceMeError, match="same windows"):
+        paired_ratio(a, {**b, "num_windows": 31}, iters=10)
+    with pytest.raises(ReplaceMeError, match="same windows"):
+        paired_ratio({**a, "window_nll": []}, b, iters=10)
 
 
 def test_bad_inputs(tiny_pair):

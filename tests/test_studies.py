@@ -75,11 +75,15 @@ def test_anchor_study_rows_and_bad_runs(tmp_path):
 
 def test_score_heldout_side_by_side(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "score_heldout.py"), "--models=smollm2-135m,smollm2-135m",
-                           "--names=a,b", "--ppl_windows=1", "--ppl_window=64", f"--output_dir={tmp_path}"],
+                           "--names=a,b", "--ppl_windows=2", "--ppl_window=64", "--compare_to=a", f"--output_dir={tmp_path}"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "heldout.json").read_text())["rows"]
     assert [r["name"] for r in rows] == ["a", "b"] and all(r["blocks"] == 30 for r in rows)
     for g in ("wikipedia", "fiction"):  # the same model on the same windows: the same number
-        assert rows[0][g]["num_tokens"] == 63 and rows[0][g]["ppl"] == rows[1][g]["ppl"] > 1
-    assert (tmp_path / "heldout.md").read_text().count("(1.000x)") == 4
+        assert rows[0][g]["num_tokens"] == 126 and rows[0][g]["ppl"] == rows[1][g]["ppl"] > 1
+        assert rows[0][g]["window_tokens"] == [63, 63] and rows[0][g]["window_nll"] == rows[1][g]["window_nll"]
+    paired = json.loads((tmp_path / "heldout.json").read_text())["paired"]
+    assert list(paired) == ["b"] and all(paired["b"][g]["ci"] == [1.0, 1.0] for g in ("wikipedia", "fiction"))
+    md = (tmp_path / "heldout.md").read_text()
+    assert md.count("(1.000x)") == 4 and "| b | 1.0000 [1.0000, 1.0000] | 1.0000 [1.0000, 1.0000] |" in md

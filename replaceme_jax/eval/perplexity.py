@@ -32,9 +32,43 @@ class PerplexityResult:
     window: int
     stride: int
     corpus_tokens: int   # tokens in the whole stream (before any window limit)
+    # Per window, in order: summed negative log-likelihood (nats) and scored tokens, so two models
+    # scored on the same windows can be compared window by window (``paired_ratio``).
+    window_nll: tuple[float, ...] = ()
+    window_tokens: tuple[int, ...] = ()
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["window_nll"], d["window_tokens"] = list(self.window_nll), list(self.window_tokens)
+        return d
+
+
+def paired_ratio(reference, other, *, iters: int = 10_000, seed: int = 0, level: float = 0.95) -> dict:
+    """``other``'s perplexity over ``reference``'s on the same windows, with a paired bootstrap interval.
+
+    Both are ``PerplexityResult`` or their ``to_dict()``. Windows are resampled with replacement, the
+    same draw for both models; each draw's ratio is exp((NLL_other - NLL_ref) / tokens) over the drawn
+    windows. Percentile interval; ``seed`` makes it reproducible from the saved per-window values."""
+    def fields(r):
+        r = r.to_dict() if hasattr(r, "to_dict") else r
+        return (np.asarray(r.get("window_nll", ()), np.float64), np.asarray(r.get("window_tokens", ()), np.float64),
+                (r.get("window"), r.get("stride"), r.get("num_windows")))
+    a, n, shape_a = fields(reference)
+    b, m, shape_b = fields(other)
+    if a.size < 2 or a.size != b.size or shape_a != shape_b or not np.array_equal(n, m):
+        raise ReplaceMeError(
+            "paired_ratio needs two results scored on the same windows (same corpus, window, stride and count) "
+            f"with per-window values; got {a.size} and {b.size} windows of {shape_a} and {shape_b}. Fix: score "
+            "both models in one score_heldout.py run, or with the same --ppl_windows / --ppl_window")
+    rng = np.random.default_rng(seed)
+    ratios = np.empty(iters)
+    for start in range(0, iters, 1000):
+        idx = rng.integers(0, a.size, (min(1000, iters - start), a.size))
+        ratios[start:start + len(idx)] = np.exp((b[idx].sum(1) - a[idx].sum(1)) / n[idx].sum(1))
+    lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    return {"ratio": float(np.exp((b.sum() - a.sum()) / n.sum())), "windows": int(a.size),
+            "ci": [float(np.percentile(ratios, lo)), float(np.percentile(ratios, hi))],
+            "level": level, "iters": iters, "seed": seed}
 
 
 def corpus_windows(num_tokens: int, window: int, stride: int | None = None) -> list[tuple[int, int, int]]:
@@ -129,7 +163,8 @@ def perplexity(model, tokenizer_or_token_ids, texts: Sequence[str] | None = None
                              "use dtype=float32")
     return PerplexityResult(ppl=math.exp(nll), nll=nll, num_tokens=count, num_windows=len(spans),
                             window=window, stride=window if stride is None else stride,
-                            corpus_tokens=int(ids.size))
+                            corpus_tokens=int(ids.size), window_nll=tuple(float(-x) for x in logprob),
+                            window_tokens=tuple(int(e - first) for _, e, first in spans))
 
 
 class HeldOutPerplexity:
