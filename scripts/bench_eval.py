@@ -6,7 +6,15 @@ time of the process, so a busy machine distorts it less than wall time), the rat
 per-request log-likelihood difference and both accuracies, then what scoring every item of the
 offline task set would cost at the measured rates.
 
+First, without timing anything, a position table: the positions each backend feeds the model for
+the same requests (the HF backend: one row per distinct input, its logits cache sharing identical
+inputs, e.g. one-token answers of one context; ours: each distinct prefix once, from the scorer's
+own layout) and the FLOPs that follow (blocks at every position fed, the LM head at every position
+for HF and at the scored ones for ours; attention scores and padding not counted in the first
+ratio). ``--positions_only`` stops there (seconds: only tokenisation runs).
+
     python scripts/bench_eval.py --items=100 --output_dir=runs/bench_eval
+    python scripts/bench_eval.py --items=100 --positions_only
 """
 from __future__ import annotations
 
@@ -33,7 +41,59 @@ _HF_SOFTMAX = flags.DEFINE_enum("hf_softmax_dtype", "float32", ["float32", "floa
 _MAX_LENGTH = flags.DEFINE_integer("max_length", 2048, "Context window of both backends.")
 _WARM = flags.DEFINE_boolean("warm", True, "Also time ours a second time per task (compiled shapes reused): the "
                              "rate a long evaluation approaches, where compilation is amortised.")
+_POSITIONS_ONLY = flags.DEFINE_boolean("positions_only", False, "Print the position and FLOP table only "
+                                       "(no backend is timed).")
 _OUTPUT = flags.DEFINE_string("output_dir", None, "Optional directory for bench_eval.json.")
+
+
+class _Recorder:
+    """Stands in for our backend's scorer: keeps the (context, continuation) pairs a task sends."""
+
+    def __init__(self):
+        self.pairs = []
+
+    def score_pairs(self, pairs, progress=None, on_done=None):
+        import numpy as np
+        self.pairs += list(pairs)
+        return np.zeros(len(pairs)), np.zeros(len(pairs), bool)
+
+
+def _position_rows(lm, specs, manager, model_config, sample_sets) -> list[dict]:
+    """Per task: positions the HF backend and ours feed for the same requests, and their FLOPs."""
+    from replaceme_jax.models.modeling import parameter_count
+
+    block = 2 * model_config.num_hidden_layers * parameter_count(model_config)[1]
+    head = 2 * model_config.vocab_size * model_config.hidden_size
+    scorer, rows = lm.scorer, []
+    try:
+        for spec in specs:
+            lm.scorer = recorder = _Recorder()
+            _run(lm, spec, manager, sample_sets[spec.name])
+            pairs = recorder.pairs
+            hf = sum(len(x) for x in {tuple(c) + tuple(k[:-1]) for c, k in pairs})
+            ours = scorer.layout(pairs)
+            rows.append({"task": spec.name, "requests": len(pairs), "hf_positions": hf, **ours,
+                         "flop_ratio": hf * (block + head) / (ours["fed"] * block + ours["scored"] * head),
+                         "flop_ratio_padded": hf * (block + head) / (ours["run"] * block + ours["scored"] * head)})
+    finally:
+        lm.scorer = scorer
+    total = {k: sum(r[k] for r in rows) for k in ("requests", "hf_positions", "fed", "run", "scored")}
+    total.update(task="all", flop_ratio=total["hf_positions"] * (block + head)
+                 / (total["fed"] * block + total["scored"] * head),
+                 flop_ratio_padded=total["hf_positions"] * (block + head)
+                 / (total["run"] * block + total["scored"] * head))
+    return rows + [total]
+
+
+def _position_table(rows) -> str:
+    lines = ["| task | requests | HF positions | ours fed | ours run (padding incl.) | ours scored "
+             "| HF / ours FLOPs | with our padding |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        bold = "**" if r["task"] == "all" else ""
+        lines.append(f"| {bold}{r['task']}{bold} | {r['requests']:,} | {r['hf_positions']:,} | {r['fed']:,} "
+                     f"| {r['run']:,} | {r['scored']:,} | {bold}{r['flop_ratio']:.2f}x{bold} "
+                     f"| {r['flop_ratio_padded']:.2f}x |")
+    return "\n".join(lines)
 
 
 def _cpu_seconds() -> float:
@@ -93,15 +153,21 @@ def main(argv) -> int:
     if not hf_batches or min(hf_batches) < 1:
         raise ReplaceMeError(f"--hf_batch_sizes must be positive integers, got {_HF_BATCH.value}")
     rows, totals = [], {"ours": [0, 0.0], "warm": [0, 0.0], **{b: [0, 0.0] for b in hf_batches}}
+    sample_sets = {spec.name: item_samples(spec, manager, _ITEMS.value, _SEED.value) for spec in specs}
     with tempfile.TemporaryDirectory() as tmp:
         path = save_hf(model, os.path.join(tmp, "hf"), tokenizer=tokenizer, dtype="float32")
         model, tokenizer = load_pretrained(str(path))
         ours = ReplaceMeJaxLM(model=model, tokenizer=tokenizer, max_length=_MAX_LENGTH.value)
+        positions = _position_rows(ours, specs, manager, model.config, sample_sets)
+        print(_position_table(positions), flush=True)
+        if _POSITIONS_ONLY.value:
+            _save({"positions": positions, "cpu": _cpu_name(), "cores": os.cpu_count()})
+            return 0
         hf = {b: HFLM(pretrained=str(path), dtype="float32", softmax_dtype=_HF_SOFTMAX.value,
                       max_length=_MAX_LENGTH.value, batch_size=b, device="cpu") for b in hf_batches}
         full_cost = 0.0
         for spec in specs:
-            samples = item_samples(spec, manager, _ITEMS.value, _SEED.value)
+            samples = sample_sets[spec.name]
             n = sum(len(v) for v in samples.values())
             res_o, wall_o, cpu_o = _run(ours, spec, manager, samples)
             ll_o, m_o = _loglikelihoods(res_o), _task_metrics(res_o, spec)[spec.metric]
@@ -149,14 +215,18 @@ def main(argv) -> int:
     print(f"Model {_MODEL.value} (float32, exported once, read by both); HF backend log-softmax "
           f"{_HF_SOFTMAX.value}, batch sizes {', '.join(map(str, hf_batches))}; {_ITEMS.value} items per task, "
           f"seed {_SEED.value}; {_cpu_name()}, {os.cpu_count()} cores.")
+    _save({"positions": positions, "rows": rows, "full_cpu_hours_ours": full_cost / 3600,
+           "cpu": _cpu_name(), "cores": os.cpu_count()})
+    return 0
+
+
+def _save(result: dict) -> None:
     if _OUTPUT.value:
         os.makedirs(_OUTPUT.value, exist_ok=True)
         out = os.path.join(_OUTPUT.value, "bench_eval.json")
         with open(out + ".tmp", "w") as f:
-            json.dump({"rows": rows, "full_cpu_hours_ours": full_cost / 3600,
-                       "cpu": _cpu_name(), "cores": os.cpu_count()}, f, indent=2)
+            json.dump(result, f, indent=2)
         os.replace(out + ".tmp", out)
-    return 0
 
 
 if __name__ == "__main__":

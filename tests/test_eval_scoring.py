@@ -103,6 +103,21 @@ def test_little_padding_on_short_items():
     assert scorer.positions_run < 1.25 * scorer.tokens_fed, (scorer.positions_run, scorer.tokens_fed)
 
 
+def test_layout_counts_what_scoring_runs():
+    """``layout`` (bench_eval's position and FLOP table) predicts, without running the model, the
+    tokens and row positions that scoring then runs; scored positions are the distinct pairs'
+    continuation tokens."""
+    model = _model("llama")
+    pairs = _pairs(seed=2, n_items=60)
+    scorer = TokenScorer(model, max_length=256, max_batch_tokens=1024, max_batch_size=8)
+    plan = scorer.layout(pairs)
+    assert scorer.tokens_fed == scorer.positions_run == 0  # nothing ran
+    scorer.score_pairs(pairs)
+    assert plan == {"fed": scorer.tokens_fed, "run": scorer.positions_run,
+                    "scored": sum(len(cont) for _, cont in set(pairs))}
+    assert scorer.layout([]) == {"fed": 0, "run": 0, "scored": 0}
+
+
 def test_long_item_split_and_max_length():
     model = _model("qwen2-bias")
     ctx = tuple(range(3, 33))
@@ -208,3 +223,22 @@ def test_wide_rows_of_short_items_read_only_their_keys(family):
     for (ctx, cont), lp, g, (ref_lp, ref_g) in zip(pairs, logprob, greedy, _reference(model, pairs)):
         assert abs(lp - ref_lp) < 1e-4 * max(1.0, len(cont)), (family, len(ctx), len(cont), lp, ref_lp)
         assert g == ref_g
+
+
+@pytest.mark.slow
+def test_bench_eval_position_table(tmp_path):
+    """`bench_eval.py --positions_only`: the real harness requests of two tasks, counted for both
+    backends without timing; ours never feeds more positions than the HF backend."""
+    import json
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "scripts/bench_eval.py", "--tasks=boolq,piqa", "--items=3",
+                           "--positions_only", f"--output_dir={tmp_path}"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["task"]: r for r in json.load(open(tmp_path / "bench_eval.json"))["positions"]}
+    assert set(rows) == {"boolq", "piqa", "all"}
+    assert rows["boolq"]["requests"] == 6 and rows["boolq"]["scored"] == 6  # yes/no, one token each
+    for r in rows.values():
+        assert 0 < r["fed"] <= r["hf_positions"] and r["fed"] <= r["run"] and r["flop_ratio"] >= 1
+    assert "| **all** |" in proc.stdout

@@ -382,6 +382,16 @@ class TokenScorer:
         return np.asarray(owners, np.int64), np.asarray(logprob)[:k], np.asarray(greedy)[:k]
 
     # ------------------------------------------------------------------ public
+    def layout(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> dict[str, int]:
+        """What ``score_pairs(pairs)`` would run, without running it: ``fed``, the tokens fed
+        (each distinct prefix once); ``run``, the row positions computed (row padding and a last
+        batch's padding rows included); ``scored``, the positions the LM head reads."""
+        items, _ = _build_items(pairs, self.buckets[-1]) if pairs else ([], [])
+        run = sum(self._rows_run(len(b), self.batch_size_for(b[0].width)) * b[0].width
+                  for b in self._batches(self._pack(items)))
+        return {"fed": sum(len(it.tokens) for it in items), "run": run,
+                "scored": sum(len(it.targets) for it in items)}
+
     def score_pairs(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *,
                     progress: str | None = None, on_done=None) -> tuple[np.ndarray, np.ndarray]:
         """(log p(continuation | context) in float64, continuation is greedy) per pair.
