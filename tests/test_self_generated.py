@@ -75,3 +75,40 @@ def test_document_start_token_prefers_the_pretraining_separator():
     assert document_start_token(tok) == tok.bos_token_id  # no <|endoftext|>: BOS
     tok.add_special_tokens({"additional_special_tokens": ["<|endoftext|>"]})
     assert document_start_token(tok) == tok.get_vocab()["<|endoftext|>"]
+
+
+def test_self_source_is_generated_once_and_mixed(model_tok, tmp_path, monkeypatch):
+    """``calibration.source=<file>+self``: the pipeline samples the model's own corpus once, under
+    the data cache, sized for the run, and reads it as the mixture's share; a second run reuses it."""
+    from replaceme_jax.data import self_generated
+    from replaceme_jax.replaceme.pipeline import calibration_batches, resolve_self_source
+    from replaceme_jax.settings import Settings
+    model, tok = model_tok
+    monkeypatch.setenv("REPLACEME_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(self_generated, "DEFAULT_PASSAGES", 8)  # one batch of 64 passages, not 1,152
+    own = tmp_path / "own.txt"
+    own.write_text("\n\n".join(" ".join(f"w{(i * 7 + j) % 30}" for j in range(12)) for i in range(40)))
+    cfg = Settings().replace(**{"calibration.source": f"{own}+self", "calibration.num_samples": 20,
+                                "calibration.validation_samples": 2, "calibration.max_length": 16})
+    resolved = resolve_self_source(cfg, model, tok)
+    first, corpus = resolved.calibration.source.split("+")
+    assert first == str(own) and corpus.startswith(str(tmp_path / "cache" / "self_generated"))
+    assert len(open(corpus).read().splitlines()) == 64 and resolved.heal.source == ""
+    assert calibration_batches(tok, resolved)  # 10 passages of each source, tokenised
+    texts = load_calibration_texts(resolved.calibration.source, num_samples=20)
+    assert sum(t in set(open(own).read().split("\n\n")) for t in texts) == 10
+    # A second run finds the corpus and samples nothing.
+    monkeypatch.setattr(self_generated, "generate_corpus", lambda *a, **k: pytest.fail("generated again"))
+    assert resolve_self_source(cfg, model, tok) == resolved
+    assert resolve_self_source(cfg.replace(**{"calibration.source": str(own)}), model, tok).calibration.source == str(own)
+    # Without a model there is nothing to sample: the error says where the text comes from.
+    with pytest.raises(ReplaceMeError, match="generate_calibration.py"):
+        load_calibration_texts("self", num_samples=4)
+
+
+def test_corpus_size_covers_both_parts():
+    from replaceme_jax.data.self_generated import passages_needed
+    assert passages_needed(512, 16, 0.1) == 1152  # the script's default corpus covers boolq+self at 1,024
+    n = passages_needed(1024, 16, 0.1)
+    assert n % 64 == 0 and n * 0.9 >= 1024 + 3 * 32  # three standard deviations of the hash split
+    assert passages_needed(100, 300, 0.1) * 0.1 >= 300

@@ -8,6 +8,9 @@ Sources
                folder written by ``datasets.Dataset.save_to_disk``.
   "hf:<name>"  anything ``datasets.load_dataset(name, hf_config, split=hf_split)`` can open
                (hub name with network or a local cache, or a local data folder).
+  "self"       text the model being pruned samples itself (``data.self_generated``); the pipeline
+               generates it once per model and substitutes the cached file, so a bare
+               ``load_calibration_texts("self")`` (no model) asks for that file instead.
   "a+b[+...]"  a mixture of any of the above: ``num_samples`` is split evenly between them (the
                first ones take the remainder), each drawn as on its own, and the texts interleaved.
 
@@ -140,6 +143,10 @@ def _source_texts(source, *, text_column, messages_column, tokenizer, hf_config,
     columns = dict(text_column=text_column, messages_column=messages_column, tokenizer=tokenizer)
     if source in BUILTIN_SOURCES:
         return _olmo_texts(source)
+    if source == "self":
+        raise ReplaceMeError("calibration source 'self' is text the model writes, and there is no model here; fix: "
+                             "run the pipeline (scripts/prune.py), which generates and caches it, or write it with "
+                             "scripts/generate_calibration.py and pass that file as the source")
     if source.startswith("hf:"):
         name = source[3:].strip()
         if not name:
@@ -163,6 +170,11 @@ def _source_texts(source, *, text_column, messages_column, tokenizer, hf_config,
         f"unknown calibration source {source!r}; fix: use one of {sorted(BUILTIN_SOURCES)}, a path to "
         f"a {'/'.join(s for s in FILE_SUFFIXES if not s.endswith('.gz'))} file or folder, or "
         "'hf:<dataset name>'")
+
+
+def source_parts(source: str) -> list[str]:
+    """The sources of a mixture, or ``[source]`` for one source."""
+    return _mixture(source) or [source]
 
 
 def _mixture(source) -> list[str]:

@@ -6,6 +6,10 @@ choice of data-free quantization work such as LLM-QAT). The text covers what the
 (prose, dialogue, code, lists) rather than one genre, so it is a source a mixture can take a share
 of (``calibration.source=boolq+<file>``; docs/results.md measures what it does).
 
+``calibration.source=self`` (alone or in a mixture, e.g. ``boolq+self``) asks the pipeline for such a
+corpus of the model being pruned: ``cached_self_corpus`` writes it once per model (weights and compute
+dtype) and size under the data cache (``$REPLACEME_JAX_CACHE/self_generated``) and reuses it after.
+
 The corpus is a .jsonl file (``{"text": ...}`` per line), readable as any calibration source. It is
 written batch by batch to ``<path>.partial`` (the first line records the settings) and renamed into
 place when complete, so an interrupted run resumes where it stopped and never leaves a short file
@@ -15,6 +19,7 @@ depend on the others, so a resumed corpus equals one written in one go.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Callable
@@ -23,6 +28,8 @@ from replaceme_jax.errors import ReplaceMeError
 from replaceme_jax.io_utils import atomic_write_text
 
 FORMAT = "replaceme-jax self-generated corpus v1"
+SELF_SOURCE = "self"    # the calibration-source name of the model's own text
+DEFAULT_PASSAGES = 1152  # scripts/generate_calibration.py's default: 1,024 passages and a 10 % validation part
 
 
 def document_start_token(tokenizer) -> int:
@@ -112,3 +119,32 @@ def _resume(partial: Path, settings: dict) -> int:
     with open(partial, "w", encoding="utf-8") as f:  # drop a torn tail so appends line up with batches
         f.write(lines[0] + "\n" + "".join(json.dumps({"text": t}) + "\n" for t in rows[:keep]))
     return keep
+
+
+def passages_needed(calibration: int, validation: int, validation_fraction: float, batch_size: int = 64) -> int:
+    """Corpus size whose calibration and validation parts hold ``calibration`` and ``validation``
+    passages: each text's part is a hash draw, so three standard deviations are added; at least
+    ``DEFAULT_PASSAGES``, in whole batches."""
+    need = DEFAULT_PASSAGES
+    for k, share in ((calibration, 1.0 - validation_fraction), (validation, validation_fraction)):
+        if k > 0 and share > 0:
+            need = max(need, math.ceil((k + 3 * math.sqrt(k) + 1) / share))
+    return -(-need // batch_size) * batch_size
+
+
+def cached_self_corpus(model, tokenizer, num_samples: int, *,
+                       progress: Callable[[int, int], None] | None = None) -> Path:
+    """The model's own corpus of ``num_samples`` passages (``generate_corpus``'s sampling defaults),
+    written on first use under the data cache, keyed by the model's weights and compute dtype, and
+    reused after; an interrupted generation resumes from its ``.partial`` file."""
+    from replaceme_jax.data.cache import cache_dir
+    from replaceme_jax.eval.request_cache import model_fingerprint
+
+    name = f"{model_fingerprint(model)[:20]}_{model.config.dtype}_n{num_samples}.jsonl"
+    path = cache_dir() / "self_generated" / name
+    if "+" in str(path):  # it goes into a mixture string, where '+' separates sources
+        raise ReplaceMeError(f"the data cache path {path.parent} contains '+', which separates the sources of a "
+                             "mixture; fix: set REPLACEME_JAX_CACHE to a directory without '+'")
+    if path.is_file():
+        return path
+    return generate_corpus(path, model, tokenizer, num_samples=num_samples, progress=progress)

@@ -15,7 +15,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.dtype = "float32"            # compute dtype of the forward passes
 
     c.calibration = ml_collections.ConfigDict()
-    c.calibration.source = "boolq"  # boolq | hellaswag | local file/folder | hf:<dataset name> | a mix "boolq+hellaswag"
+    # boolq | hellaswag | self (the model's own text, cached) | local file/folder | hf:<dataset name> | a mix "boolq+self"
+    c.calibration.source = "boolq"
     c.calibration.num_samples = 256  # passages; None (Python) takes all
     c.calibration.max_length = 512
     c.calibration.batch_size = 8

@@ -77,6 +77,41 @@ def calibration_batches(tokenizer, cal, *, part: str = "calibration", num_sample
     return batches_from_texts(texts, tokenizer, cal)
 
 
+def resolve_self_source(cfg: Settings, model, tokenizer, timer=None) -> Settings:
+    """``cfg`` with each ``self`` part of the calibration source (and of the healing text, which
+    defaults to it) replaced by a corpus the model writes itself, sized for every use of it and
+    generated on first use (``data.self_generated.cached_self_corpus``)."""
+    from replaceme_jax.data.calibration import source_parts
+    from replaceme_jax.data.self_generated import SELF_SOURCE, cached_self_corpus, passages_needed
+    c, h = cfg.calibration, cfg.heal
+    uses = [(c.source, c.num_samples, c.validation_samples)]
+    if h.steps:
+        uses.append((h.source or c.source, h.num_samples, 0))
+    used, cal, val = False, 0, 0
+    for source, n, v in uses:
+        parts = source_parts(source)
+        if SELF_SOURCE not in parts:
+            continue
+        if n is None:
+            raise ReplaceMeError("calibration source 'self' needs a passage count; fix: set "
+                                 "calibration.num_samples (None, every passage, gives no size to generate)")
+        # A mixture's share is at most the ceiling of an even split.
+        used, cal, val = True, max(cal, -(-n // len(parts))), max(val, -(-v // len(parts)))
+    if not used:
+        return cfg
+    n = passages_needed(cal, val, c.validation_fraction)
+    timer = timer or Timer()
+    with timer("self_generated", f"the model's own text ({n} passages; generated once, then cached)"):
+        def progress(done, total):
+            if cfg.progress:
+                print(f"[replaceme]   {done}/{total} passages", file=sys.stderr, flush=True)
+        path = str(cached_self_corpus(model, tokenizer, n, progress=progress))
+
+    def resolve(source):
+        return "+".join(path if p == SELF_SOURCE else p for p in source_parts(source)) if source else source
+    return cfg.replace(**{"calibration.source": resolve(c.source), "heal.source": resolve(h.source)})
+
+
 def healing_batches(tokenizer, cfg: Settings):
     """The LoRA healing stage's batches: ``heal.num_samples`` passages of ``heal.source`` (default: the
     calibration source's training part), ``heal.max_length`` tokens, ``heal.batch_size`` rows."""
@@ -315,6 +350,7 @@ def run(cfg) -> tuple[PruneResult, dict]:
         model, tokenizer = load_pretrained(cfg.model, param_dtype=cfg.param_dtype, dtype=cfg.dtype,
                                            place=plan.place if plan is not None else None)
     check_against_model(cfg, model.config.num_hidden_layers)
+    cfg = resolve_self_source(cfg, model, tokenizer, timer)
     with timer("calibration_data", f"calibration data ({cfg.calibration.source})"):
         batches = calibration_batches(tokenizer, cfg)
         validation = None
