@@ -101,6 +101,11 @@ def test_self_source_is_generated_once_and_mixed(model_tok, tmp_path, monkeypatc
     monkeypatch.setattr(self_generated, "generate_corpus", lambda *a, **k: pytest.fail("generated again"))
     assert resolve_self_source(cfg, model, tok) == resolved
     assert resolve_self_source(cfg.replace(**{"calibration.source": str(own)}), model, tok).calibration.source == str(own)
+    # On a pod each host has its own cache: generating on some hosts only would hang the others.
+    import jax
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ReplaceMeError, match="generate_calibration.py"):
+        resolve_self_source(cfg, model, tok)
     # Without a model there is nothing to sample: the error says where the text comes from.
     with pytest.raises(ReplaceMeError, match="generate_calibration.py"):
         load_calibration_texts("self", num_samples=4)

@@ -99,6 +99,11 @@ def resolve_self_source(cfg: Settings, model, tokenizer, timer=None) -> Settings
         used, cal, val = True, max(cal, -(-n // len(parts))), max(val, -(-v // len(parts)))
     if not used:
         return cfg
+    import jax
+    if jax.process_count() > 1:  # each host's cache could differ, and generation is a collective step
+        raise ReplaceMeError("calibration source 'self' is generated on one host only; fix: write the corpus once "
+                             "with scripts/generate_calibration.py, put it on storage every host reads, and pass "
+                             "its path (e.g. calibration.source=boolq+/shared/self.jsonl)")
     n = passages_needed(cal, val, c.validation_fraction)
     timer = timer or Timer()
     with timer("self_generated", f"the model's own text ({n} passages; generated once, then cached)"):
