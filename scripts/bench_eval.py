@@ -65,6 +65,10 @@ def _position_rows(lm, specs, manager, model_config, sample_sets) -> list[dict]:
     block = 2 * model_config.num_hidden_layers * parameter_count(model_config)[1]
     head = 2 * model_config.vocab_size * model_config.hidden_size
     scorer, rows = lm.scorer, []
+
+    def flops(r) -> dict:  # HF's FLOPs over ours, without and with our padding
+        return {"flop_ratio": r["hf_positions"] * (block + head) / (r["fed"] * block + r["scored"] * head),
+                "flop_ratio_padded": r["hf_positions"] * (block + head) / (r["run"] * block + r["scored"] * head)}
     try:
         for spec in specs:
             lm.scorer = recorder = _Recorder()
@@ -72,17 +76,12 @@ def _position_rows(lm, specs, manager, model_config, sample_sets) -> list[dict]:
             pairs = recorder.pairs
             hf = sum(len(x) for x in {tuple(c) + tuple(k[:-1]) for c, k in pairs})
             ours = scorer.layout(pairs)
-            rows.append({"task": spec.name, "requests": len(pairs), "hf_positions": hf, **ours,
-                         "flop_ratio": hf * (block + head) / (ours["fed"] * block + ours["scored"] * head),
-                         "flop_ratio_padded": hf * (block + head) / (ours["run"] * block + ours["scored"] * head)})
+            row = {"task": spec.name, "requests": len(pairs), "hf_positions": hf, **ours}
+            rows.append({**row, **flops(row)})
     finally:
         lm.scorer = scorer
-    total = {k: sum(r[k] for r in rows) for k in ("requests", "hf_positions", "fed", "run", "scored")}
-    total.update(task="all", flop_ratio=total["hf_positions"] * (block + head)
-                 / (total["fed"] * block + total["scored"] * head),
-                 flop_ratio_padded=total["hf_positions"] * (block + head)
-                 / (total["run"] * block + total["scored"] * head))
-    return rows + [total]
+    total = {"task": "all", **{k: sum(r[k] for r in rows) for k in ("requests", "hf_positions", "fed", "run", "scored")}}
+    return rows + [{**total, **flops(total)}]
 
 
 def _position_table(rows) -> str:

@@ -17,6 +17,7 @@ import numpy as np
 
 from replaceme_jax.data.batching import TEXT_SEPARATOR, encode_stream
 from replaceme_jax.errors import ReplaceMeError
+from replaceme_jax.eval.bootstrap import paired_means
 from replaceme_jax.eval.scoring import TokenScorer
 
 DEFAULT_WINDOW = 1024
@@ -60,11 +61,9 @@ def paired_ratio(reference, other, *, iters: int = 10_000, seed: int = 0, level:
             "paired_ratio needs two results scored on the same windows (same corpus, window, stride and count) "
             f"with per-window values; got {a.size} and {b.size} windows of {shape_a} and {shape_b}. Fix: score "
             "both models in one score_heldout.py run, or with the same --ppl_windows / --ppl_window")
-    rng = np.random.default_rng(seed)
-    ratios = np.empty(iters)
-    for start in range(0, iters, 1000):
-        idx = rng.integers(0, a.size, (min(1000, iters - start), a.size))
-        ratios[start:start + len(idx)] = np.exp((b[idx].sum(1) - a[idx].sum(1)) / n[idx].sum(1))
+    # Ratio of sums over the drawn windows = ratio of their means (the same count of windows).
+    boot_a, boot_b, boot_n = paired_means(np.random.default_rng(seed), (a, b, n), iters, chunk=1000)
+    ratios = np.exp((boot_b - boot_a) / boot_n)
     lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
     return {"ratio": float(np.exp((b.sum() - a.sum()) / n.sum())), "windows": int(a.size),
             "ci": [float(np.percentile(ratios, lo)), float(np.percentile(ratios, hi))],

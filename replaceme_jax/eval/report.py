@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from replaceme_jax.errors import ReplaceMeError
+from replaceme_jax.eval.bootstrap import paired_means
 from replaceme_jax.eval.tasks import AVG_ACC_TASKS, TASKS
 from replaceme_jax.io_utils import atomic_output_dir, atomic_write_json
 
@@ -67,11 +68,7 @@ def paired_intervals(results: dict, *, iters: int = BOOTSTRAP_ITERS, seed: int =
             if pair is None:
                 continue
             a, b = pair
-            boot_a, boot_b = np.empty(iters), np.empty(iters)
-            for start in range(0, iters, 500):  # bounded memory on 10k-item tasks
-                idx = rng.integers(0, a.size, (min(500, iters - start), a.size))
-                boot_a[start:start + len(idx)] = a[idx].mean(axis=1)
-                boot_b[start:start + len(idx)] = b[idx].mean(axis=1)
+            boot_a, boot_b = paired_means(rng, (a, b), iters, chunk=500)  # bounded memory on 10k-item tasks
             diff = boot_b - boot_a
             tasks[task] = {"n": int(a.size), "diff": float(b.mean() - a.mean()),
                            "ci": [float(np.percentile(diff, lo_q)), float(np.percentile(diff, hi_q))]}
