@@ -80,7 +80,8 @@ def _position_rows(lm, specs, manager, model_config, sample_sets) -> list[dict]:
             rows.append({**row, **flops(row)})
     finally:
         lm.scorer = scorer
-    total = {"task": "all", **{k: sum(r[k] for r in rows) for k in ("requests", "hf_positions", "fed", "run", "scored")}}
+    keys = ("requests", "hf_positions", "fed", "run", "scored")
+    total = {"task": "all", **{k: sum(r[k] for r in rows) for k in keys}}
     return rows + [{**total, **flops(total)}]
 
 
