@@ -272,9 +272,7 @@ def atomic_output_dir(path: str | os.PathLike, *, overwrite: bool = False, what:
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         interrupts.unregister_temp(tmp)
-        cause = _os_error_in(e) if isinstance(e, Exception) else None
-        if cause is not None:
-            raise output_error(cause, path, what) from e
+        _raise_output_error_for(e, path, what)
         raise
 
 
@@ -300,10 +298,16 @@ def _shared_output_dir(path: Path, what: str):
         if is_primary():
             shutil.rmtree(tmp, ignore_errors=True)
             interrupts.unregister_temp(tmp)
-        cause = _os_error_in(e) if isinstance(e, Exception) else None
-        if cause is not None:
-            raise output_error(cause, path, what) from e
+        _raise_output_error_for(e, path, what)
         raise
+
+
+def _raise_output_error_for(e: BaseException, path: Path, what: str) -> None:
+    """Re-raise an OSError inside a write (however wrapped) as the ``OutputWriteError`` naming
+    ``path``; return for anything else (signals included), which the caller re-raises as is."""
+    cause = _os_error_in(e) if isinstance(e, Exception) else None
+    if cause is not None:
+        raise output_error(cause, path, what) from e
 
 
 # ----------------------------------------------------------------------------- atomic files
