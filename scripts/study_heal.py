@@ -4,6 +4,7 @@
     python scripts/study_heal.py --cut=12-20 --start=drop      # the paper's UIDL + healing baseline
     python scripts/study_heal.py --cut=12-20 --start=streamline   # LLM-Streamline (lr 1e-2) + healing
     python scripts/study_heal.py --cut=12-20 --config.heal.anchor_steps=200   # ReplaceMe + anchor tuning + LoRA
+    python scripts/study_heal.py --cut=12-20 --pruned=runs/main/orbax --state_dir=runs/main.heal ...   # no re-pruning
 
 Prunes one cut (ReplaceMe lstsq; ``--start=drop``: the same blocks removed with no transform;
 ``--start=streamline``: LLM-Streamline, the anchor block retrained to stand in for the cut), then runs
@@ -14,6 +15,11 @@ of ``--eval_at`` on two held-out genres never used for calibration or healing (t
 and LAMBADA-OpenAI fiction). Healing stops at the last ``--eval_at`` step, or earlier after
 ``--max_minutes`` of healing time (evaluation excluded), keeping the rows reached. Writes heal.json
 (heal_drop.json, heal_tuned.json, ...) and .md.
+
+``--pruned`` starts from a model the main job already pruned at ``--cut`` with the same config (its
+``orbax/`` or ``hf/``, saved before any healing) instead of pruning again, and ``--state_dir`` keeps the
+tuned anchors there (a main job's ``<output_dir>.heal``, copied, holds them under the same fingerprint),
+so several healing variants share one pruning and one anchor tuning.
 """
 from __future__ import annotations
 
@@ -37,6 +43,9 @@ STREAMLINE_STEPS = flags.DEFINE_integer("streamline_steps", 200, "--start=stream
 STREAMLINE_LR = flags.DEFINE_float("streamline_lr", 1e-2, "--start=streamline: peak learning rate.")
 EVAL_AT = flags.DEFINE_string("eval_at", "0,25,50,100,200", "Healing steps at which held-out perplexity is scored.")
 WINDOWS = flags.DEFINE_integer("ppl_windows", 4, "Perplexity windows of 1024 tokens per genre.")
+PRUNED = flags.DEFINE_string("pruned", "", "Start from this pruned model (the main job's orbax/ or hf/ at --cut, "
+                              "not healed) instead of pruning; only with --start=replaceme.")
+STATE_DIR = flags.DEFINE_string("state_dir", "", "Keep (and reuse) the tuned anchors here; empty: not kept.")
 MAX_MINUTES = flags.DEFINE_float("max_minutes", 60.0, "Stop healing after this much healing time.")
 OUT = flags.DEFINE_string("output_dir", "runs/heal", "Where heal.json and heal.md go.")
 
@@ -59,7 +68,7 @@ def main(argv) -> int:
     from replaceme_jax.io_utils import atomic_write_json, atomic_write_text
     from replaceme_jax.replaceme.cuts import parse_cuts
     from replaceme_jax.replaceme.heal import heal
-    from replaceme_jax.replaceme.pipeline import calibration_batches, healing_batches, prune
+    from replaceme_jax.replaceme.pipeline import calibration_batches, healing_batches, prune, resolve_self_source
     from replaceme_jax.replaceme.surgery import apply_cuts
     from replaceme_jax.settings import Settings
 
@@ -72,8 +81,17 @@ def main(argv) -> int:
         raise ReplaceMeError(f"--eval_at={EVAL_AT.value!r}: give step numbers, e.g. 0,50,100") from None
     model, tok = load_pretrained(cfg.model, param_dtype=cfg.param_dtype, dtype=cfg.dtype)
     (cut,) = parse_cuts(CUT.value, model.config.num_hidden_layers)
+    cfg = resolve_self_source(cfg, model, tok)
     prepare_s = time.perf_counter()
-    if START.value == "drop":
+    if PRUNED.value:
+        if START.value != "replaceme":
+            raise ReplaceMeError(f"--pruned starts from a ReplaceMe model; drop --start={START.value} or --pruned")
+        student = load_pretrained(PRUNED.value, param_dtype=cfg.param_dtype, dtype=cfg.dtype)[0]
+        want = model.config.num_hidden_layers - (cut[1] - cut[0])
+        if student.config.num_hidden_layers != want:
+            raise ReplaceMeError(f"--pruned={PRUNED.value} has {student.config.num_hidden_layers} blocks, but cut "
+                                 f"[{cut[0]}, {cut[1]}) of {cfg.model} leaves {want}; fix: give the cut it was pruned at")
+    elif START.value == "drop":
         student = apply_cuts(model, [cut])
     elif START.value == "streamline":
         student = streamline(model, calibration_batches(tok, cfg), cut, steps=STREAMLINE_STEPS.value,
@@ -82,7 +100,8 @@ def main(argv) -> int:
         student = prune(model, calibration_batches(tok, cfg), cfg, cuts=[cut], validation=calibration_batches(
             tok, cfg, part="validation", num_samples=cfg.calibration.validation_samples)).model
     if cfg.heal.anchor_steps:  # the healing stage's first part: the anchor retrained toward the dense stream
-        student = tune_or_restore(model, student, calibration_batches(tok, cfg), [cut], cfg)[0]
+        student = tune_or_restore(model, student, calibration_batches(tok, cfg), [cut], cfg,
+                                  directory=STATE_DIR.value or None)[0]
     prepare_s = time.perf_counter() - prepare_s  # pruning (and any anchor training), before LoRA healing
     h = cfg.heal
     heal_batches = healing_batches(tok, cfg)
@@ -119,7 +138,8 @@ def main(argv) -> int:
     lines = [f"healing {START.value}{tuned} at cut [{cut[0]}, {cut[1]}) of {cfg.model}: LoRA rank {h.rank} on blocks "
              f"{h.blocks} ({h.modules}), lr {h.lr}, {h.batch_size} x {h.max_length}-token packed rows per step "
              f"(~{mean_tokens:.0f} tokens) from {h.source or cfg.calibration.source}; {WINDOWS.value} windows x 1024 tokens per "
-             f"genre; pruning took {prepare_s:.0f} s" + (f"; {stopped}" if stopped else ""), "",
+             f"genre; pruning took {prepare_s:.0f} s" + (f" (from {PRUNED.value})" if PRUNED.value else "")
+             + (f"; {stopped}" if stopped else ""), "",
              "| step | healing tokens | healing s | Wikipedia ppl (x dense) | fiction ppl (x dense) |", "|---|---|---|---|---|",
              f"| dense | | | {dense['wikipedia']:.2f} (1.00x) | {dense['fiction']:.2f} (1.00x) |"]
     for r in rows:
@@ -131,7 +151,7 @@ def main(argv) -> int:
     name = ("heal" if START.value == "replaceme" else f"heal_{START.value}") + ("_tuned" if h.anchor_steps else "")
     atomic_write_json(os.path.join(OUT.value, f"{name}.json"), {"dense": dense, "rows": rows, "cut": list(cut),
                                                                  "heal": h.to_dict(), "stopped": stopped,
-                                                                 "prepare_s": prepare_s})
+                                                                 "pruned": PRUNED.value or None, "prepare_s": prepare_s})
     atomic_write_text(os.path.join(OUT.value, f"{name}.md"), text + "\n")
     return 0
 

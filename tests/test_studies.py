@@ -61,6 +61,31 @@ def test_heal_study_rows_at_eval_steps(tmp_path, start, anchor_steps):
     assert report["rows"][1]["tokens"] > 0 and all(_finite_ppl(r) for r in report["rows"])
 
 
+def test_heal_study_from_pruned_model_reuses_tuned_anchors(tmp_path):
+    """--pruned starts from the main job's saved model (no re-pruning); --state_dir keeps the tuned
+    anchors, so a second run restores them and starts from the same step-0 model; a wrong cut is a clear error."""
+    out = tmp_path / "main"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "prune.py"), f"--config={ROOT / 'configs/smollm2_135m.py'}",
+                           f"--config.output_dir={out}", "--config.cuts=12-14", "--config.eval.perplexity_windows=0",
+                           "--config.export_hf=False", *SMALL[:3]], capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = ("--cut=12-14", "--eval_at=0,1", "--config.heal.steps=1", "--config.heal.anchor_steps=2",
+            "--config.heal.num_samples=4", "--config.heal.max_length=64", "--config.heal.batch_size=2",
+            f"--pruned={out}/orbax", f"--state_dir={tmp_path / 'state'}")
+    rows = []
+    for run in ("first", "second"):
+        _study("study_heal.py", tmp_path / run, *args)
+        report = json.loads((tmp_path / run / "heal_tuned.json").read_text())
+        assert report["pruned"] == f"{out}/orbax" and [r["step"] for r in report["rows"]] == [0, 1]
+        rows.append(report["rows"][0])
+    assert (tmp_path / "state" / "anchors.json").exists()
+    assert rows[1]["wikipedia"] == pytest.approx(rows[0]["wikipedia"], rel=1e-6)  # restored, not retrained
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "study_heal.py"), *SMALL, "--cut=12-15",
+                           "--config.heal.steps=1", f"--pruned={out}/orbax", f"--output_dir={tmp_path / 'bad'}"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "has 28 blocks" in proc.stderr
+
+
 def test_anchor_study_rows_and_bad_runs(tmp_path):
     _study("study_anchor.py", tmp_path, "--cut=12-14", "--steps=3", "--runs=replaceme:token:1e-3,drop:mse:1e-3")
     report = json.loads((tmp_path / "anchor.json").read_text())
