@@ -79,13 +79,13 @@ def main(argv) -> int:
         eval_at = sorted({int(s) for s in EVAL_AT.value.split(",") if s.strip()})
     except ValueError:
         raise ReplaceMeError(f"--eval_at={EVAL_AT.value!r}: give step numbers, e.g. 0,50,100") from None
+    if PRUNED.value and START.value != "replaceme":
+        raise ReplaceMeError(f"--pruned starts from a ReplaceMe model; drop --start={START.value} or --pruned")
     model, tok = load_pretrained(cfg.model, param_dtype=cfg.param_dtype, dtype=cfg.dtype)
     (cut,) = parse_cuts(CUT.value, model.config.num_hidden_layers)
     cfg = resolve_self_source(cfg, model, tok)
     prepare_s = time.perf_counter()
     if PRUNED.value:
-        if START.value != "replaceme":
-            raise ReplaceMeError(f"--pruned starts from a ReplaceMe model; drop --start={START.value} or --pruned")
         student = load_pretrained(PRUNED.value, param_dtype=cfg.param_dtype, dtype=cfg.dtype)[0]
         want = model.config.num_hidden_layers - (cut[1] - cut[0])
         if student.config.num_hidden_layers != want:
