@@ -72,13 +72,15 @@ def test_heal_study_from_pruned_model_reuses_tuned_anchors(tmp_path):
     args = ("--cut=12-14", "--eval_at=0,1", "--config.heal.steps=1", "--config.heal.anchor_steps=2",
             "--config.heal.num_samples=4", "--config.heal.max_length=64", "--config.heal.batch_size=2",
             f"--pruned={out}/orbax", f"--state_dir={tmp_path / 'state'}")
-    rows = []
+    rows, stamps = [], []
     for run in ("first", "second"):
         _study("study_heal.py", tmp_path / run, *args)
+        stamps.append(sorted((str(f), f.stat().st_mtime_ns) for f in (tmp_path / "state").rglob("*") if f.is_file()))
         report = json.loads((tmp_path / run / "heal_tuned.json").read_text())
         assert report["pruned"] == f"{out}/orbax" and [r["step"] for r in report["rows"]] == [0, 1]
         rows.append(report["rows"][0])
     assert (tmp_path / "state" / "anchors.json").exists()
+    assert stamps[0] and stamps[1] == stamps[0]  # the second run read the saved anchors and wrote nothing
     assert rows[1]["wikipedia"] == pytest.approx(rows[0]["wikipedia"], rel=1e-6)  # restored, not retrained
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "study_heal.py"), *SMALL, "--cut=12-15",
                            "--config.heal.steps=1", f"--pruned={out}/orbax", f"--output_dir={tmp_path / 'bad'}"],
