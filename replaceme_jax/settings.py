@@ -114,7 +114,7 @@ class HealSettings(_Section):
     warmup: int = 10
     rank: int = 16
     lora_alpha: float = 32.0
-    blocks: str = "adjacent"   # adjacent | all | comma list of pruned-model block indices
+    blocks: str = "all"        # all | adjacent | comma list of pruned-model block indices
     modules: str = "all"       # all | comma list of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj
     num_samples: int = 2048    # passages of the healing source's training part
     source: str = ""           # healing text (any calibration.source); "": the calibration source

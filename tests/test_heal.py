@@ -64,14 +64,16 @@ def test_loss_is_the_kl_and_fresh_adapters_change_nothing(pair):
         np.testing.assert_array_equal(params(same)[k], v)
 
 
-def test_healing_lowers_the_kl_and_touches_only_the_adapted_kernels(pair):
+@pytest.mark.parametrize("blocks", ["adjacent", "all"])
+def test_healing_lowers_the_kl_and_touches_only_the_adapted_kernels(pair, blocks):
     dense, student, batches = pair
     before = params(student)
     settings = Settings().replace(**{"heal.steps": 48, "heal.lr": 1e-2, "heal.rank": 4, "heal.warmup": 2,
-                                     "heal.modules": "o_proj,down_proj,up_proj"})
+                                     "heal.modules": "o_proj,down_proj,up_proj", "heal.blocks": blocks})
     train, held_out = batches[:12], batches[12:]
     result = heal(student, dense, train, settings, cuts=CUTS)
-    assert result.blocks == [1, 2] and result.steps == 48
+    adapted_blocks = [1, 2] if blocks == "adjacent" else list(range(student.config.num_hidden_layers))
+    assert result.blocks == adapted_blocks and result.steps == 48
     assert result.tokens == sum(int((np.asarray(b.attention_mask) > 0).sum()) for b in train) * 4
     assert kl_numpy(dense, result.model, train) < 0.5 * kl_numpy(dense, student, train)
     assert kl_numpy(dense, result.model, held_out) < 0.9 * kl_numpy(dense, student, held_out)
@@ -79,7 +81,7 @@ def test_healing_lowers_the_kl_and_touches_only_the_adapted_kernels(pair):
     assert params(student).keys() == after.keys()
     for k, v in before.items():
         np.testing.assert_array_equal(params(student)[k], v)  # the student is not modified
-        adapted = k[2:3] in ((1,), (2,)) and k[-2] in ("o_proj", "down_proj", "up_proj")
+        adapted = k[2:3] in [(b,) for b in adapted_blocks] and k[-2] in ("o_proj", "down_proj", "up_proj")
         assert adapted != np.array_equal(after[k], v), k
 
 

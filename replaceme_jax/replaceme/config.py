@@ -73,7 +73,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.heal.warmup = 10
     c.heal.rank = 16                # LoRA rank; adapters are folded into W at the end
     c.heal.lora_alpha = 32.0
-    c.heal.blocks = "adjacent"      # adjacent (anchor + first block after each cut) | all | "10,11"
+    c.heal.blocks = "all"           # all | adjacent (anchor + first block after each cut) | "10,11";
+                                    # all: better on 3 genres from 2 starts, tasks level (docs/results.md)
     c.heal.modules = "all"          # all | e.g. "down_proj,up_proj"
     c.heal.num_samples = 2048       # passages of the healing source (training part)
     c.heal.source = ""              # healing text, any calibration.source; "" = calibration.source
