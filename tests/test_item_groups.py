@@ -74,6 +74,9 @@ def test_bad_inputs_name_the_fix(tmp_path):
         item_groups.load_items([a, b], "sciq")
     with pytest.raises(ReplaceMeError, match="does not exist"):
         item_groups.load_items([tmp_path / "none.json"], "sciq")
+    (tmp_path / "other.json").write_text('{"rows": []}')
+    with pytest.raises(ReplaceMeError, match="is not a results.json of scripts/evaluate.py"):
+        item_groups.load_items([tmp_path / "other.json"], "sciq")
     with pytest.raises(ReplaceMeError, match="no per-item piqa results"):
         item_groups.load_items([a], "piqa")
     with pytest.raises(ReplaceMeError, match="reference model 'dense'"):

@@ -57,9 +57,14 @@ def load_items(paths, task: str) -> dict[str, dict[str, float]]:
         if not os.path.exists(path):
             raise ReplaceMeError(f"{path} does not exist; fix: pass the results.json (or its folder) "
                                  f"that scripts/evaluate.py wrote")
-        with open(path) as f:
-            results = json.load(f)
-        for name, rec in results["models"].items():
+        try:
+            with open(path) as f:
+                results = json.load(f)
+            records = results["models"].items()
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ReplaceMeError(f"{path} is not a results.json of scripts/evaluate.py (no per-model "
+                                 f"results in it); fix: pass the file that scripts/evaluate.py wrote") from None
+        for name, rec in records:
             items = rec.get("items", {}).get(task)
             if not items:
                 continue
