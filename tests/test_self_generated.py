@@ -117,3 +117,25 @@ def test_corpus_size_covers_both_parts():
     n = passages_needed(1024, 16, 0.1)
     assert n % 64 == 0 and n * 0.9 >= 1024 + 3 * 32  # three standard deviations of the hash split
     assert passages_needed(100, 300, 0.1) * 0.1 >= 300
+
+
+def test_prompted_passages_continue_the_prompt_prefixes(model_tok, tmp_path):
+    model, tok = model_tok
+    prompts = [f"w{i} w{i + 1} w{i + 2} w{i + 3}" for i in range(1, 6)]
+    out = generate_corpus(tmp_path / "p.jsonl", model, tok, **KW, prompts=prompts, prompt_tokens=2)
+    rows = [json.loads(line)["text"] for line in out.read_text().splitlines()]
+    assert len(rows) == 5
+    for i, row in enumerate(rows, start=1):
+        words = row.split()
+        assert words[:2] == [f"w{i}", f"w{i + 1}"]  # the prefix, cut to prompt_tokens, stays in the passage
+        assert 2 + 3 <= len(words) <= 2 + 6       # then the sampled continuation
+    again = generate_corpus(tmp_path / "q.jsonl", model, tok, **KW, prompts=prompts, prompt_tokens=2)
+    assert again.read_text() == out.read_text()
+    bare = generate_corpus(tmp_path / "bare.jsonl", model, tok, **KW)
+    assert bare.read_text() != out.read_text()
+    with pytest.raises(ReplaceMeError, match="5 passages need as many prompts, got 2"):
+        generate_corpus(tmp_path / "x.jsonl", model, tok, **KW, prompts=prompts[:2])
+    with pytest.raises(ReplaceMeError, match="prompt_tokens must be a positive integer"):
+        generate_corpus(tmp_path / "x.jsonl", model, tok, **KW, prompts=prompts, prompt_tokens=0)
+    with pytest.raises(ReplaceMeError, match="prompt 1 is empty"):
+        generate_corpus(tmp_path / "x.jsonl", model, tok, **KW, prompts=[prompts[0], "", *prompts[2:]])

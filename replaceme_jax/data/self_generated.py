@@ -18,11 +18,12 @@ depend on the others, so a resumed corpus equals one written in one go.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from replaceme_jax.errors import ReplaceMeError
 from replaceme_jax.io_utils import atomic_write_text
@@ -47,9 +48,13 @@ def document_start_token(tokenizer) -> int:
 
 def generate_corpus(path, model, tokenizer, *, num_samples: int, max_new_tokens: int = 160,
                     temperature: float = 1.0, top_p: float = 1.0, seed: int = 1000, batch_size: int = 64,
-                    start_token: int | None = None,
+                    start_token: int | None = None, prompts: Sequence[str] | None = None, prompt_tokens: int = 32,
                     progress: Callable[[int, int], None] | None = None) -> Path:
     """Sample ``num_samples`` passages of ``max_new_tokens`` tokens from ``model`` into ``path`` (.jsonl).
+
+    ``prompts``: texts to continue instead of a bare document start; passage ``i`` is the first
+    ``prompt_tokens`` tokens of ``prompts[i]`` (after the document start) followed by the model's
+    continuation, so the model writes on real topics and refers back to what the prefix named.
 
     Returns ``path``. A finished ``path`` is never overwritten (delete it to regenerate); a
     ``<path>.partial`` left by an interrupted call with the same settings is continued, one with
@@ -68,10 +73,14 @@ def generate_corpus(path, model, tokenizer, *, num_samples: int, max_new_tokens:
         raise ReplaceMeError(f"{path} already exists; fix: delete it to regenerate, or use it as "
                              f"--config.calibration.source={path}")
     start = document_start_token(tokenizer) if start_token is None else int(start_token)
+    prefixes = _prompt_prefixes(prompts, tokenizer, num_samples, prompt_tokens)
     settings = {"format": FORMAT, "num_samples": num_samples, "max_new_tokens": max_new_tokens,
                 "temperature": float(temperature), "top_p": float(top_p), "seed": seed,
                 "batch_size": batch_size, "start_token": start,
                 "model_layers": int(model.config.num_hidden_layers), "vocab_size": int(model.config.vocab_size)}
+    if prefixes is not None:
+        settings["prompts_sha256"] = hashlib.sha256(json.dumps(prefixes).encode()).hexdigest()
+        settings["prompt_tokens"] = prompt_tokens
     partial = path.with_name(path.name + ".partial")
     done = _resume(partial, settings)
     gen = Generator(model, tokenizer, max_batch_size=batch_size)
@@ -84,9 +93,12 @@ def generate_corpus(path, model, tokenizer, *, num_samples: int, max_new_tokens:
             rows = min(batch_size, num_samples - first)
             # No EOS stop: every passage gets the full budget, and the chat markers the model
             # writes between turns stay in the text (as they are in what it was tuned on).
-            results = gen.generate([[start]] * rows, max_new_tokens=max_new_tokens, sampling=sampling,
+            heads = [[start]] * rows if prefixes is None else [[start] + p for p in prefixes[first:first + rows]]
+            results = gen.generate(heads, max_new_tokens=max_new_tokens, sampling=sampling,
                                    seed=seed + first, eos_token_ids=())
-            f.write("".join(json.dumps({"text": r.text}) + "\n" for r in results))
+            texts = ([r.text for r in results] if prefixes is None else
+                     [tokenizer.decode(h[1:] + r.tokens, skip_special_tokens=True) for h, r in zip(heads, results)])
+            f.write("".join(json.dumps({"text": t}) + "\n" for t in texts))
             f.flush()
             os.fsync(f.fileno())
             if progress is not None:
@@ -95,6 +107,25 @@ def generate_corpus(path, model, tokenizer, *, num_samples: int, max_new_tokens:
     atomic_write_text(path, "".join(line + "\n" for line in lines))
     partial.unlink()
     return path
+
+
+def _prompt_prefixes(prompts, tokenizer, num_samples: int, prompt_tokens: int) -> list[list[int]] | None:
+    """The first ``prompt_tokens`` token ids of each of the first ``num_samples`` prompts (None: no prompts)."""
+    if prompts is None:
+        return None
+    if isinstance(prompt_tokens, bool) or not isinstance(prompt_tokens, int) or prompt_tokens < 1:
+        raise ReplaceMeError(f"prompt_tokens must be a positive integer, got {prompt_tokens!r}")
+    if isinstance(prompts, str) or len(prompts) < num_samples:
+        n = 1 if isinstance(prompts, str) else len(prompts)
+        raise ReplaceMeError(f"{num_samples} passages need as many prompts, got {n}; fix: pass a list of at "
+                             f"least {num_samples} texts or lower num_samples")
+    prefixes = []
+    for i, text in enumerate(prompts[:num_samples]):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:prompt_tokens] if isinstance(text, str) else []
+        if not ids:
+            raise ReplaceMeError(f"prompt {i} is empty or not a string; fix: pass non-empty texts")
+        prefixes.append([int(t) for t in ids])
+    return prefixes
 
 
 def _resume(partial: Path, settings: dict) -> int:
