@@ -175,6 +175,10 @@ def test_coqa_in_a_mixture():
     coqa = set(load_calibration_texts("coqa"))
     assert len(mix) == 40 and sum(t in coqa for t in mix) == 20
     assert mix[1] in coqa and mix[0] not in coqa  # round-robin, in the order named
+    most = 2 * len(coqa) + 1  # boolq, named first, takes the odd one
+    assert len(load_calibration_texts("boolq+coqa", num_samples=most)) == most
+    with pytest.raises(ReplaceMeError, match=rf"part of 'coqa' has only {len(coqa)}; fix: ask for at most {most} "):
+        load_calibration_texts("boolq+coqa", num_samples=most + 1)
 
 
 # --------------------------------------------------------------------------- local files

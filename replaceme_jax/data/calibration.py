@@ -95,11 +95,20 @@ def load_calibration_texts(
             if num_samples < len(components):
                 raise ReplaceMeError(f"num_samples={num_samples} cannot be split over the {len(components)} sources "
                                      f"of {source!r}; fix: ask for at least {len(components)}")
-            shares = [num_samples // len(components) + (i < num_samples % len(components))
-                      for i in range(len(components))]
-        drawn = [load_calibration_texts(c, num_samples=n, seed=seed, part=part, validation_fraction=validation_fraction,
-                                        text_column=text_column, messages_column=messages_column, tokenizer=tokenizer,
-                                        hf_config=hf_config, hf_split=hf_split) for c, n in zip(components, shares)]
+            shares = _even_shares(num_samples, len(components))
+        common = dict(seed=seed, part=part, validation_fraction=validation_fraction, text_column=text_column,
+                      messages_column=messages_column, tokenizer=tokenizer, hf_config=hf_config, hf_split=hf_split)
+        if num_samples is not None:
+            sizes = {c: len(load_calibration_texts(c, **common)) for c in components}
+            short = [c for c, n in zip(components, shares) if n > sizes[c]]
+            if short:
+                most = max(n for n in range(len(components) * min(sizes.values()), num_samples)
+                           if all(k <= sizes[c] for c, k in zip(components, _even_shares(n, len(components)))))
+                raise ReplaceMeError(
+                    f"num_samples={num_samples} gives each source of {source!r} {max(shares)} texts, but the {part} "
+                    f"part of {short[0]!r} has only {sizes[short[0]]}; fix: ask for at most {most} "
+                    f"(the mixture is split evenly) or mix in a larger source")
+        drawn = [load_calibration_texts(c, num_samples=n, **common) for c, n in zip(components, shares)]
         return [texts[i] for i in range(max(map(len, drawn))) for texts in drawn if i < len(texts)]  # round-robin
 
     texts = _dedupe(_source_texts(source, text_column=text_column, messages_column=messages_column,
@@ -120,6 +129,11 @@ def load_calibration_texts(
             f"distinct texts; fix: ask for at most {len(texts)} or use a larger source")
     order = np.random.default_rng(seed).permutation(len(texts))[:num_samples]
     return [texts[i] for i in sorted(order)]
+
+
+def _even_shares(total: int, parts: int) -> list[int]:
+    # The first sources take the remainder.
+    return [total // parts + (i < total % parts) for i in range(parts)]
 
 
 def split_part(text: str, validation_fraction: float) -> str:
