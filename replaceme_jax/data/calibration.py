@@ -87,32 +87,32 @@ def load_calibration_texts(
                                     or num_samples < 1):
         raise ReplaceMeError(f"num_samples must be a positive integer or None (all), got {num_samples!r}")
 
+    read = dict(text_column=text_column, messages_column=messages_column, tokenizer=tokenizer,
+                hf_config=hf_config, hf_split=hf_split)
     components = _mixture(source)
-    if components:
-        if num_samples is None:
-            shares = [None] * len(components)
-        else:
-            if num_samples < len(components):
-                raise ReplaceMeError(f"num_samples={num_samples} cannot be split over the {len(components)} sources "
-                                     f"of {source!r}; fix: ask for at least {len(components)}")
-            shares = _even_shares(num_samples, len(components))
-        common = dict(seed=seed, part=part, validation_fraction=validation_fraction, text_column=text_column,
-                      messages_column=messages_column, tokenizer=tokenizer, hf_config=hf_config, hf_split=hf_split)
-        if num_samples is not None:
-            sizes = {c: len(load_calibration_texts(c, **common)) for c in components}
-            short = [c for c, n in zip(components, shares) if n > sizes[c]]
-            if short:
-                most = max(n for n in range(len(components) * min(sizes.values()), num_samples)
-                           if all(k <= sizes[c] for c, k in zip(components, _even_shares(n, len(components)))))
-                raise ReplaceMeError(
-                    f"num_samples={num_samples} gives each source of {source!r} {max(shares)} texts, but the {part} "
-                    f"part of {short[0]!r} has only {sizes[short[0]]}; fix: ask for at most {most} "
-                    f"(the mixture is split evenly) or mix in a larger source")
-        drawn = [load_calibration_texts(c, num_samples=n, **common) for c, n in zip(components, shares)]
-        return [texts[i] for i in range(max(map(len, drawn))) for texts in drawn if i < len(texts)]  # round-robin
+    if not components:
+        return _draw(_part_texts(source, part, validation_fraction, read), num_samples, seed, source, part)
+    if num_samples is not None and num_samples < len(components):
+        raise ReplaceMeError(f"num_samples={num_samples} cannot be split over the {len(components)} sources "
+                             f"of {source!r}; fix: ask for at least {len(components)}")
+    pools = [_part_texts(c, part, validation_fraction, read) for c in components]
+    shares = [None] * len(components) if num_samples is None else _even_shares(num_samples, len(components))
+    short = [i for i, n in enumerate(shares) if n is not None and n > len(pools[i])]
+    if short:
+        i = short[0]
+        most = max(n for n in range(len(components) * min(map(len, pools)), num_samples)
+                   if all(k <= len(p) for p, k in zip(pools, _even_shares(n, len(components)))))
+        raise ReplaceMeError(
+            f"num_samples={num_samples} gives each source of {source!r} {max(shares)} texts, but the {part} "
+            f"part of {components[i]!r} has only {len(pools[i])}; fix: ask for at most {most} "
+            f"(the mixture is split evenly) or mix in a larger source")
+    drawn = [_draw(p, n, seed, c, part) for p, n, c in zip(pools, shares, components)]
+    return [texts[i] for i in range(max(map(len, drawn))) for texts in drawn if i < len(texts)]  # round-robin
 
-    texts = _dedupe(_source_texts(source, text_column=text_column, messages_column=messages_column,
-                                  tokenizer=tokenizer, hf_config=hf_config, hf_split=hf_split))
+
+def _part_texts(source, part: str, validation_fraction: float, read: dict) -> list[str]:
+    """Every distinct text of ``part`` of one (non-mixture) source, in source order."""
+    texts = _dedupe(_source_texts(source, **read))
     if not texts:
         raise ReplaceMeError(f"calibration source {source!r} holds no non-empty text; "
                              "fix: point it at data with text in it")
@@ -121,6 +121,11 @@ def load_calibration_texts(
         raise ReplaceMeError(
             f"the {part} part of {source!r} is empty (validation_fraction={validation_fraction}); "
             "fix: use more data or a validation_fraction strictly between 0 and 1")
+    return texts
+
+
+def _draw(texts: list[str], num_samples: int | None, seed: int, source, part: str) -> list[str]:
+    """A seeded subset of ``num_samples`` texts in source order (all when None)."""
     if num_samples is None:
         return texts
     if num_samples > len(texts):
