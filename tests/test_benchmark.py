@@ -14,6 +14,7 @@ from flax import nnx
 
 from benchmarks import flops, memory, suite, tables
 from benchmarks import torch_replaceme as tr
+from tiny_models import save_tiny_checkpoint
 from replaceme_jax.checkpoints.hf import save_hf
 from replaceme_jax.data import make_batches
 from replaceme_jax.models.config import ModelConfig
@@ -111,14 +112,7 @@ def test_flop_counts_follow_parameter_shapes():
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     """A random 5-block model with SmolLM2's tokenizer, as a Hugging Face directory."""
-    import gguf
-
-    from replaceme_jax.checkpoints.gguf import tokenizer_from_gguf
-    from replaceme_jax.checkpoints.registry import resolve_default_path
-    tok = tokenizer_from_gguf(gguf.GGUFReader(resolve_default_path("smollm2-135m")))
-    config = ModelConfig(vocab_size=len(tok), num_hidden_layers=5, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **TINY)
-    return save_hf(CausalLM(config, rngs=nnx.Rngs(0)), tmp_path_factory.mktemp("tinyck") / "hf", tokenizer=tok)
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tinyck") / "hf", 5, **TINY)
 
 
 def _tiny_cfg(path):

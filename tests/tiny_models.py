@@ -2,7 +2,8 @@
 
 Two kinds of builder:
 
-* ours only: ``random_model`` (any ``ModelConfig``) and ``random_tiny_llama`` (a 2-block Llama);
+* ours only: ``random_model`` (any ``ModelConfig``), ``random_tiny_llama`` (a 2-block Llama) and
+  ``save_tiny_checkpoint`` (a saved model with SmolLM2's tokenizer);
 * a transformers reference and ours from its ``save_pretrained`` directory: ``FAMILIES`` (one
   small transformers config per supported family), ``randomize``, ``saved_reference`` and ``reference_pair``, with
   ``padded_batch`` (rows full, right- and left-padded) for comparing logits.
@@ -121,3 +122,19 @@ def tiny_model_and_batches(num_blocks: int, *, hidden: int = 16, vocab: int = 64
     rng = np.random.default_rng(seed)
     seqs = [rng.integers(0, vocab, size=int(k)) for k in rng.integers(min_len, 24, size=sequences)]
     return CausalLM(cfg, rngs=nnx.Rngs(seed)), make_batches(seqs, batch_size=4, max_length=24, buckets=(24,))
+
+
+def save_tiny_checkpoint(path, num_hidden_layers, **config):
+    """A random model with SmolLM2's tokenizer saved as a Hugging Face directory, for the scripts and
+    the pipeline, which load a model by path and calibrate on real text through its tokenizer."""
+    import gguf
+    from flax import nnx
+
+    from replaceme_jax.checkpoints.gguf import tokenizer_from_gguf
+    from replaceme_jax.checkpoints.hf import save_hf
+    from replaceme_jax.checkpoints.registry import resolve_default_path
+    from replaceme_jax.models.modeling import CausalLM
+    tok = tokenizer_from_gguf(gguf.GGUFReader(resolve_default_path("smollm2-135m")))
+    config = ModelConfig(vocab_size=len(tok), num_hidden_layers=num_hidden_layers, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **config)
+    return save_hf(CausalLM(config, rngs=nnx.Rngs(0)), path, tokenizer=tok)
