@@ -140,16 +140,20 @@ def test_multi_cut_one_pass_vs_sequential():
 def test_budget_and_healing_end_to_end(tmp_path):
     """The main job with a split budget and the healing stage (anchor tuning, then LoRA): the report
     lists the combinations confirmed on validation text, the healed model is saved, and a re-run
-    reuses the tuned anchors and resumes the healing to the same model."""
+    reuses the tuned anchors and resumes the healing to the same model. Plumbing, so a random
+    10-block model with SmolLM2's tokenizer stands in for the real 30 blocks (the e2e fixture runs those)."""
     import os
     from replaceme_jax.checkpoints import load_pretrained
-    cfg = small_config(tmp_path, **{"budget.blocks": 4, "budget.min_cut_blocks": 2, "budget.confirm": 2,
+    from tiny_models import save_tiny_checkpoint
+    tiny = save_tiny_checkpoint(tmp_path / "tiny", 10, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                num_key_value_heads=2, tie_word_embeddings=True)
+    cfg = small_config(tmp_path, **{"model": str(tiny), "budget.blocks": 4, "budget.min_cut_blocks": 2, "budget.confirm": 2,
                                     "eval.perplexity_windows": 1,
                                     "calibration.validation_samples": 4, "heal.steps": 2, "heal.num_samples": 8,
                                     "heal.max_length": 64, "heal.batch_size": 2, "heal.checkpoint_every": 1,
                                     "heal.anchor_steps": 3, "export_hf": False})
     result, report = run(cfg)
-    assert sum(e - s for s, e in result.cuts) == 4 and result.model.config.num_hidden_layers == 26
+    assert sum(e - s for s, e in result.cuts) == 4 and result.model.config.num_hidden_layers == 6
     considered = report["budget"]["candidates"]
     assert len(considered) >= 2 and all(c["validation_nll"] is not None for c in considered)
     best = min(considered, key=lambda c: c["validation_nll"])
@@ -160,7 +164,7 @@ def test_budget_and_healing_end_to_end(tmp_path):
     assert tuning["kept"] == (tuning["validation_nll"]["after"] < tuning["validation_nll"]["before"])
     assert {"pruned", "unhealed", "dense"} <= set(report["heldout_perplexity"])
     saved, _ = load_pretrained(os.path.join(cfg.output_dir, "orbax"))
-    assert saved.config.num_hidden_layers == 26
+    assert saved.config.num_hidden_layers == 6
     assert os.path.exists(cfg.output_dir + ".heal/heal_run.json")
     cfg.overwrite = True  # the same command again: the finished healing state is reused, not redone
     result_again, again = run(cfg)
