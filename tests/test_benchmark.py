@@ -14,7 +14,6 @@ from flax import nnx
 
 from benchmarks import flops, memory, suite, tables
 from benchmarks import torch_replaceme as tr
-from tiny_models import save_tiny_checkpoint
 from replaceme_jax.checkpoints.hf import save_hf
 from replaceme_jax.data import make_batches
 from replaceme_jax.models.config import ModelConfig
@@ -23,6 +22,7 @@ from replaceme_jax.replaceme import solvers
 from replaceme_jax.replaceme.config import default_config
 from replaceme_jax.replaceme.statistics import StatsRequest, gather_statistics
 from replaceme_jax.replaceme.surgery import apply_cuts
+from tiny_models import save_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,

@@ -145,8 +145,7 @@ def test_budget_and_healing_end_to_end(tmp_path):
     import os
     from replaceme_jax.checkpoints import load_pretrained
     from tiny_models import save_tiny_checkpoint
-    tiny = save_tiny_checkpoint(tmp_path / "tiny", 10, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                                num_key_value_heads=2, tie_word_embeddings=True)
+    tiny = save_tiny_checkpoint(tmp_path / "tiny", 10)
     cfg = small_config(tmp_path, **{"model": str(tiny), "budget.blocks": 4, "budget.min_cut_blocks": 2, "budget.confirm": 2,
                                     "eval.perplexity_windows": 1,
                                     "calibration.validation_samples": 4, "heal.steps": 2, "heal.num_samples": 8,

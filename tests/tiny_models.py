@@ -126,7 +126,8 @@ def tiny_model_and_batches(num_blocks: int, *, hidden: int = 16, vocab: int = 64
 
 def save_tiny_checkpoint(path, num_hidden_layers, **config):
     """A random model with SmolLM2's tokenizer saved as a Hugging Face directory, for the scripts and
-    the pipeline, which load a model by path and calibrate on real text through its tokenizer."""
+    the pipeline, which load a model by path and calibrate on real text through its tokenizer.
+    Width 32, GQA 4:2, tied head unless ``config`` says otherwise."""
     import gguf
     from flax import nnx
 
@@ -136,5 +137,7 @@ def save_tiny_checkpoint(path, num_hidden_layers, **config):
     from replaceme_jax.models.modeling import CausalLM
     tok = tokenizer_from_gguf(gguf.GGUFReader(resolve_default_path("smollm2-135m")))
     config = ModelConfig(vocab_size=len(tok), num_hidden_layers=num_hidden_layers, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **config)
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         **{**dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                   tie_word_embeddings=True), **config})
     return save_hf(CausalLM(config, rngs=nnx.Rngs(0)), path, tokenizer=tok)
